@@ -1,0 +1,92 @@
+"""YAML configs with ``key.sub=value`` CLI overrides, turned into frozen dataclasses.
+
+One mechanism for every pipeline so a run is fully described by (config file, overrides, seed)
+and its hash can be recorded in every output file.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override the user must fix."""
+
+
+def resolve_config_path(name_or_path: str | Path, subdir: str = "") -> Path:
+    """Find a config by path, or by bare name under ``configs/<subdir>/`` (``.yaml`` optional)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    for cand in (CONFIG_DIR / subdir / p, CONFIG_DIR / subdir / f"{p}.yaml", CONFIG_DIR / p):
+        if cand.is_file():
+            return cand
+    avail = sorted(x.stem for x in (CONFIG_DIR / subdir).glob("*.yaml")) if subdir else []
+    hint = f" Available in configs/{subdir}: {', '.join(avail)}." if avail else ""
+    raise ConfigError(f"Config {str(name_or_path)!r} not found.{hint}")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    with open(path) as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def apply_overrides(cfg: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Return a copy of ``cfg`` with ``a.b=value`` overrides applied (values parsed as YAML)."""
+    out = copy.deepcopy(cfg)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"Override {item!r} must look like key.sub=value")
+        key, raw = item.split("=", 1)
+        node = out
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"Override {item!r}: {part!r} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(raw)
+    return out
+
+
+def config_hash(cfg: Any) -> str:
+    """Stable short hash of a JSON-able config (dataclass or dict): keys sorted, 16 hex chars."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        cfg = dataclasses.asdict(cfg)
+    blob = json.dumps(cfg, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """Build dataclass ``cls`` from ``data``; unknown keys are an error, not silently dropped."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"Unknown {cls.__name__} option(s): {', '.join(unknown)}. Known: {', '.join(sorted(names))}")
+    kwargs = {}
+    for f in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if f.name in data:
+            val = data[f.name]
+            if isinstance(val, list) and f.type in ("tuple[int, ...]", "tuple[float, ...]", "tuple[str, ...]"):
+                val = tuple(val)
+            kwargs[f.name] = val
+    return cls(**kwargs)
+
+
+def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None, subdir: str = "") -> T:
+    """YAML file (optional) + overrides → ``cls`` instance."""
+    base = load_yaml(resolve_config_path(path, subdir)) if path else {}
+    return from_dict(cls, apply_overrides(base, overrides))

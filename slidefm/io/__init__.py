@@ -1,0 +1,1 @@
+"""File formats: the HDF5 feature schema, cohort manifests, atomic writes."""

@@ -1,0 +1,199 @@
+"""The HDF5 tile-feature file: one ``<slide_id>.h5`` per slide. The only writer and reader.
+
+Layout (see ARCHITECTURE.md):
+- ``features`` (N, D) float16/float32 tile embeddings;
+- ``coords`` (N, 2) int64 level-0 (x, y) pixel of each tile's top-left corner;
+- ``grid`` (N, 2) int32 (col, row) = floor((coords - min(coords)) / patch_size_level0);
+- ``tissue_fraction`` (N,) float32.
+Root attrs carry provenance (encoder, weights, mpp, seed, config hash) and ``complete=True``.
+``coords`` also carries TRIDENT/CLAM attribute names so their readers work on our files.
+Files are written atomically, so a file under the final name is complete.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from slidefm.io.atomic import atomic_path
+
+SCHEMA = "slidefm.features"
+SCHEMA_VERSION = 1
+
+REQUIRED_ATTRS = (
+    "schema",
+    "schema_version",
+    "slide_id",
+    "encoder",
+    "encoder_weights",
+    "target_mpp",
+    "patch_size",
+    "patch_size_level0",
+    "config_hash",
+    "seed",
+    "complete",
+)
+# Names TRIDENT / CLAM readers look for on the ``coords`` dataset.
+TRIDENT_COORD_ATTRS = (
+    "patch_size",
+    "patch_size_level0",
+    "level0_magnification",
+    "target_magnification",
+    "overlap",
+    "level0_width",
+    "level0_height",
+    "name",
+)
+
+
+class FeatureFileError(ValueError):
+    """A feature file that is missing, incomplete or not of our schema."""
+
+
+@dataclasses.dataclass
+class SlideFeatures:
+    """Tile features of one slide, in memory.
+
+    features: (N, D) float; coords: (N, 2) int64 level-0 px (x, y) top-left;
+    grid: (N, 2) int32 (col, row); tissue_fraction: (N,) float32 in [0, 1]; attrs: provenance.
+    """
+
+    slide_id: str
+    features: np.ndarray
+    coords: np.ndarray
+    grid: np.ndarray
+    tissue_fraction: np.ndarray
+    attrs: dict[str, Any]
+
+    @property
+    def num_tiles(self) -> int:
+        return int(self.coords.shape[0])
+
+
+def grid_from_coords(coords: np.ndarray, patch_size_level0: float) -> np.ndarray:
+    """(N, 2) level-0 coords → (N, 2) int32 (col, row) grid positions.
+
+    grid = floor((coords - min(coords)) / patch_size_level0). With overlap, pass the stride
+    in level-0 pixels instead of the patch size so neighbours stay one cell apart.
+    """
+    coords = np.asarray(coords, dtype=np.int64)
+    if coords.size == 0:
+        return np.zeros((0, 2), dtype=np.int32)
+    rel = coords - coords.min(axis=0, keepdims=True)
+    return np.floor(rel / float(patch_size_level0) + 1e-6).astype(np.int32)
+
+
+def write_features(path: str | Path, sf: SlideFeatures) -> Path:
+    """Validate and write ``sf`` atomically to ``path``; returns the final path."""
+    n = sf.num_tiles
+    feats = np.asarray(sf.features)
+    if feats.ndim != 2 or feats.shape[0] != n:
+        raise FeatureFileError(f"{sf.slide_id}: features shape {feats.shape} does not match {n} coords")
+    if not np.isfinite(feats).all():
+        bad = int((~np.isfinite(feats)).any(axis=1).sum())
+        raise FeatureFileError(f"{sf.slide_id}: {bad} tile(s) have NaN/Inf features; refusing to write")
+    if sf.grid.shape != (n, 2) or sf.tissue_fraction.shape != (n,):
+        raise FeatureFileError(f"{sf.slide_id}: grid/tissue_fraction shapes do not match {n} tiles")
+    missing = [k for k in REQUIRED_ATTRS if k not in sf.attrs and k not in ("schema", "schema_version", "complete", "slide_id")]
+    if missing:
+        raise FeatureFileError(f"{sf.slide_id}: missing attrs {missing}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.create_dataset("features", data=feats)
+            dc = f.create_dataset("coords", data=np.asarray(sf.coords, dtype=np.int64))
+            f.create_dataset("grid", data=np.asarray(sf.grid, dtype=np.int32))
+            f.create_dataset("tissue_fraction", data=np.asarray(sf.tissue_fraction, dtype=np.float32))
+            attrs = dict(sf.attrs)
+            attrs.update(schema=SCHEMA, schema_version=SCHEMA_VERSION, slide_id=sf.slide_id)
+            for k, v in attrs.items():
+                if k == "complete":
+                    continue
+                f.attrs[k] = "" if v is None else v
+            for k in TRIDENT_COORD_ATTRS:
+                src = "slide_id" if k == "name" else k
+                if src in attrs and attrs[src] is not None:
+                    dc.attrs[k] = attrs[src]
+            # Last write before close: a reader that sees complete=True sees everything else.
+            f.attrs["complete"] = True
+            f.flush()
+    return path
+
+
+def _decode(v: Any) -> Any:
+    if isinstance(v, bytes):
+        return v.decode()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def read_attrs(path: str | Path) -> dict[str, Any]:
+    """Root attrs of a feature file, without loading arrays."""
+    try:
+        with h5py.File(path, "r") as f:
+            return {k: _decode(v) for k, v in f.attrs.items()}
+    except OSError as e:
+        raise FeatureFileError(f"{path}: not a readable HDF5 file ({e})") from e
+
+
+def is_complete(path: str | Path, config_hash: str | None = None) -> bool:
+    """True if ``path`` is a complete slidefm feature file (with ``config_hash`` if given)."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    try:
+        a = read_attrs(path)
+    except FeatureFileError:
+        return False
+    if a.get("schema") != SCHEMA or not a.get("complete"):
+        return False
+    return config_hash is None or a.get("config_hash") == config_hash
+
+
+def read_features(path: str | Path, *, dtype: Any = np.float32) -> SlideFeatures:
+    """Read a feature file. Also reads TRIDENT/CLAM-style files (``features``/``feats`` + ``coords``).
+
+    Foreign files get ``grid`` from coords and their ``patch_size_level0`` attr (or the
+    smallest non-zero coordinate step) and tissue_fraction = 1.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FeatureFileError(f"{path}: feature file not found")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise FeatureFileError(f"{path}: not a readable HDF5 file ({e})") from e
+    with f:
+        attrs = {k: _decode(v) for k, v in f.attrs.items()}
+        if attrs.get("schema") == SCHEMA and not attrs.get("complete"):
+            raise FeatureFileError(f"{path}: incomplete feature file (interrupted write); re-run encode-slides")
+        fkey = next((k for k in ("features", "feats") if k in f), None)
+        if fkey is None:
+            raise FeatureFileError(f"{path}: no 'features' dataset (keys: {list(f.keys())})")
+        feats = np.asarray(f[fkey][()], dtype=dtype)
+        if feats.ndim == 3 and feats.shape[0] == 1:  # TRIDENT/CLAM sometimes store (1, N, D)
+            feats = feats[0]
+        if "coords" not in f:
+            raise FeatureFileError(f"{path}: no 'coords' dataset; slide encoders need tile positions")
+        coords = np.asarray(f["coords"][()], dtype=np.int64).reshape(-1, 2)
+        cattrs = {k: _decode(v) for k, v in f["coords"].attrs.items()}
+        if "grid" in f:
+            grid = np.asarray(f["grid"][()], dtype=np.int32)
+        else:
+            step = attrs.get("patch_size_level0") or cattrs.get("patch_size_level0")
+            if not step:
+                diffs = np.concatenate([np.diff(np.unique(coords[:, i])) for i in (0, 1)])
+                diffs = diffs[diffs > 0]
+                step = int(diffs.min()) if diffs.size else 1
+            grid = grid_from_coords(coords, float(step))
+            attrs.setdefault("patch_size_level0", step)
+        tf = np.asarray(f["tissue_fraction"][()], dtype=np.float32) if "tissue_fraction" in f else np.ones(len(coords), np.float32)
+    if feats.shape[0] != coords.shape[0]:
+        raise FeatureFileError(f"{path}: {feats.shape[0]} features but {coords.shape[0]} coords")
+    slide_id = str(attrs.get("slide_id") or path.stem)
+    return SlideFeatures(slide_id, feats, coords, grid, tf, attrs)

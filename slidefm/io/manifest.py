@@ -1,0 +1,85 @@
+"""Cohort manifests: a CSV with ``slide_id, case_id, path`` plus task columns.
+
+Every check here raises ``ManifestError`` with the file, the rows and what to do, because a bad
+manifest found halfway through a cohort costs hours.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+
+class ManifestError(ValueError):
+    """A manifest the user must fix."""
+
+
+def _rows(df: pd.DataFrame, mask: pd.Series, n: int = 5) -> str:
+    ids = df.loc[mask, "slide_id"].astype(str).tolist() if "slide_id" in df else df.index[mask].tolist()
+    more = f" (+{len(ids) - n} more)" if len(ids) > n else ""
+    return ", ".join(map(str, ids[:n])) + more
+
+
+def read_manifest(
+    path: str | Path,
+    required: Iterable[str] = ("slide_id",),
+    check_paths: bool = False,
+) -> pd.DataFrame:
+    """Read and validate a manifest CSV.
+
+    - ``required`` columns must exist and be non-empty; ``slide_id`` must be unique.
+    - ``case_id`` defaults to ``slide_id`` when absent (one slide per patient).
+    - relative ``path`` values are resolved against the manifest's folder.
+    - ``check_paths`` makes missing slide files an error.
+    - a ``split`` column must keep each ``case_id`` in one split.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"Manifest {path} not found")
+    try:
+        df = pd.read_csv(path, dtype={"slide_id": str, "case_id": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ManifestError(f"Manifest {path} is not a readable CSV: {e}") from e
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in required if c not in df.columns]
+    if missing:
+        raise ManifestError(f"Manifest {path} lacks column(s) {missing}; it has {list(df.columns)}")
+    for c in required:
+        empty = df[c].isna() | (df[c].astype(str).str.strip() == "")
+        if empty.any():
+            raise ManifestError(f"Manifest {path}: column {c!r} is empty in {int(empty.sum())} row(s) (rows {list(df.index[empty][:5])})")
+    if "slide_id" in df:
+        df["slide_id"] = df["slide_id"].astype(str).str.strip()
+        dup = df["slide_id"].duplicated(keep=False)
+        if dup.any():
+            raise ManifestError(f"Manifest {path}: duplicate slide_id(s): {_rows(df, dup)}")
+        if "case_id" not in df:
+            df["case_id"] = df["slide_id"]
+    if "path" in df:
+        base = path.parent
+        df["path"] = [str(p) if Path(str(p)).is_absolute() else str((base / str(p)).resolve()) for p in df["path"]]
+        if check_paths:
+            gone = ~df["path"].map(lambda p: Path(p).exists())
+            if gone.any():
+                raise ManifestError(f"Manifest {path}: {int(gone.sum())} slide file(s) not found: {_rows(df, gone)}")
+    if "split" in df and "case_id" in df:
+        per_case = df.groupby("case_id")["split"].nunique()
+        bad = per_case[per_case > 1]
+        if len(bad):
+            raise ManifestError(f"Manifest {path}: patient(s) in more than one split: {', '.join(bad.index[:5])}")
+    return df.reset_index(drop=True)
+
+
+def check_labels(df: pd.DataFrame, column: str, allowed: Iterable | None = None) -> None:
+    """Raise if ``column`` is missing, has NaNs, or has values outside ``allowed``."""
+    if column not in df:
+        raise ManifestError(f"Manifest has no label column {column!r}; columns: {list(df.columns)}")
+    if df[column].isna().any():
+        raise ManifestError(f"Label column {column!r} is empty for slide(s): {_rows(df, df[column].isna())}")
+    if allowed is not None:
+        allowed = set(allowed)
+        bad = ~df[column].isin(allowed)
+        if bad.any():
+            raise ManifestError(f"Label column {column!r} has unknown value(s) {sorted(set(df.loc[bad, column]))[:5]}; allowed: {sorted(allowed)}")

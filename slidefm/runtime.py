@@ -1,0 +1,43 @@
+"""Seeds, devices and autocast: the few runtime decisions every pipeline makes the same way."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+
+import numpy as np
+import torch
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) so a run is reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    os.environ.setdefault("PYTHONHASHSEED", str(seed))
+
+
+def pick_device(pref: str = "auto") -> torch.device:
+    """``auto`` → CUDA if available, else CPU; anything else is passed to torch.device."""
+    if pref == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(pref)
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """bf16/fp16 autocast on CUDA; a no-op on CPU or with precision ``fp32``.
+
+    ``auto`` picks bf16 where the GPU supports it, else fp16.
+    """
+    if device.type != "cuda" or precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    return torch.autocast("cuda", dtype=dtype)
+
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world_size) from torchrun's environment; (0, 1) when not distributed."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))

@@ -1,0 +1,40 @@
+"""Shared fixtures. Real data comes from ../shared/data (or $SLIDEFM_SHARED_DATA).
+
+When SLIDEFM_SHARED_DATA is set (CI, `make test`) and the folder is missing, tests fail rather
+than skip, so CI can never pass silently without the real slides.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _shared_data_dir() -> Path:
+    env = os.environ.get("SLIDEFM_SHARED_DATA")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    d = _shared_data_dir()
+    if not d.is_dir():
+        if os.environ.get("SLIDEFM_SHARED_DATA"):
+            pytest.fail(f"SLIDEFM_SHARED_DATA={d} does not exist: real-data tests cannot run")
+        pytest.skip(f"{d} not found; set SLIDEFM_SHARED_DATA to run real-data tests")
+    return d
+
+
+@pytest.fixture(scope="session")
+def slides_dir(shared_data: Path) -> Path:
+    return shared_data / "slides"
+
+
+@pytest.fixture(scope="session")
+def sample_slide() -> Path:
+    """The real slide bundled in the repo (CMU-1-Small-Region, CC0)."""
+    return REPO / "data" / "sample" / "CMU-1-Small-Region.svs"
