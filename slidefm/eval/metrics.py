@@ -1,0 +1,291 @@
+"""Slide-level classification metrics, bootstrap confidence intervals and their figures.
+
+One implementation for every evaluation (MIL, probes, zero-shot), so numbers from different
+models are comparable. The metrics themselves come from scikit-learn (well kept, widely
+trusted); this module fixes the conventions around them:
+
+- ``y_true``: (N,) int class indices, or (N, C) {0,1} for multi-label targets;
+- ``y_score``: (N,) positive-class score (binary), or (N, C) class probabilities/scores;
+- AUROC is binary for 2 classes and macro one-vs-rest otherwise (macro over labels for
+  multi-label);
+- a metric that is undefined on the data (e.g. AUROC with one class present) returns NaN
+  instead of raising, so one degenerate fold or bootstrap draw does not kill a whole run.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from sklearn import metrics as skm
+
+from slidefm.io.atomic import atomic_path
+
+MetricFn = Callable[[np.ndarray, np.ndarray], float]
+
+
+def _binary_scores(y_score: np.ndarray) -> np.ndarray:
+    """(N,) or (N, 2) scores → (N,) positive-class scores."""
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_score.ndim == 2 and y_score.shape[1] == 2:
+        return y_score[:, 1]
+    if y_score.ndim == 2 and y_score.shape[1] == 1:
+        return y_score[:, 0]
+    return y_score
+
+
+def auroc(y_true: np.ndarray, y_score: np.ndarray, num_classes: int | None = None) -> float:
+    """Area under the ROC curve; NaN when undefined (a single class present).
+
+    Binary: ``y_score`` (N,) or (N, 2). Multi-class: (N, C) scores, macro one-vs-rest over the
+    classes (rows need not sum to 1; they are softmax-normalised if they do not). Multi-label:
+    ``y_true`` (N, C) {0,1}, macro over labels that have both values present.
+    """
+    y_true = np.asarray(y_true)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    if y_true.ndim == 2:  # multi-label
+        per = [auroc(y_true[:, c], y_score[:, c]) for c in range(y_true.shape[1])]
+        per = [a for a in per if np.isfinite(a)]
+        return float(np.mean(per)) if per else float("nan")
+    c = num_classes or (y_score.shape[1] if y_score.ndim == 2 else 2)
+    if c <= 2:
+        s = _binary_scores(y_score)
+        if len(np.unique(y_true)) < 2:
+            return float("nan")
+        return float(skm.roc_auc_score(y_true, s))
+    present = np.unique(y_true)
+    if len(present) < 2:
+        return float("nan")
+    # Macro OvR over the classes present: a class absent from y_true has no defined AUROC.
+    per = [skm.roc_auc_score(y_true == k, y_score[:, k]) for k in present]
+    return float(np.mean(per))
+
+
+def accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Fraction of exact matches (subset accuracy for multi-label)."""
+    if len(y_true) == 0:
+        return float("nan")
+    return float(skm.accuracy_score(y_true, y_pred))
+
+
+def balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray) -> float:
+    """Mean per-class recall over the classes present in ``y_true`` (robust to imbalance)."""
+    if len(y_true) == 0:
+        return float("nan")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "y_pred contains classes not in y_true"
+        return float(skm.balanced_accuracy_score(y_true, y_pred))
+
+
+def f1(y_true: np.ndarray, y_pred: np.ndarray, average: str = "binary") -> float:
+    """F1 score. ``average``: ``binary`` (positive class 1), ``macro`` or ``weighted``.
+
+    Undefined precision/recall (no predicted or true positives) count as 0, as in sklearn's
+    ``zero_division=0``.
+    """
+    if len(y_true) == 0:
+        return float("nan")
+    if average not in ("binary", "macro", "weighted"):
+        raise ValueError(f"f1 average must be binary, macro or weighted, not {average!r}")
+    return float(skm.f1_score(y_true, y_pred, average=average, zero_division=0))
+
+
+def bootstrap_ci(
+    metric_fn: MetricFn,
+    y_true: np.ndarray,
+    y_score_or_pred: np.ndarray,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+    groups: np.ndarray | None = None,
+) -> tuple[float, float, float]:
+    """Percentile bootstrap: (point estimate on all data, lower, upper) at level ``1 - alpha``.
+
+    Rows are resampled with replacement; with ``groups`` (N,) (e.g. patient ids) whole groups
+    are resampled instead, because slides of one patient are not independent. Draws on which
+    the metric is undefined (NaN, e.g. one class only) are dropped; if fewer than half of the
+    draws are usable the interval is (NaN, NaN).
+    """
+    y_true = np.asarray(y_true)
+    y_sp = np.asarray(y_score_or_pred)
+    if len(y_true) != len(y_sp):
+        raise ValueError(f"bootstrap_ci: {len(y_true)} labels but {len(y_sp)} scores/predictions")
+    point = float(metric_fn(y_true, y_sp))
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        members = [np.array([i]) for i in range(len(y_true))]
+    else:
+        groups = np.asarray(groups)
+        if len(groups) != len(y_true):
+            raise ValueError(f"bootstrap_ci: {len(groups)} groups but {len(y_true)} labels")
+        _, inv = np.unique(groups, return_inverse=True)
+        order = np.argsort(inv, kind="stable")
+        members = np.split(order, np.cumsum(np.bincount(inv))[:-1])
+    n_units = len(members)
+    if n_units == 0:
+        return point, float("nan"), float("nan")
+    stats = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, n_units, size=n_units)
+        idx = np.concatenate([members[j] for j in pick])
+        v = metric_fn(y_true[idx], y_sp[idx])
+        if np.isfinite(v):
+            stats.append(v)
+    if len(stats) < max(1, n_boot // 2):
+        return point, float("nan"), float("nan")
+    lo, hi = np.quantile(np.asarray(stats), [alpha / 2, 1 - alpha / 2])
+    return point, float(lo), float(hi)
+
+
+def predictions_from_scores(y_score: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Scores → hard class predictions: (N,) binary scores ``> threshold``; (N, C) argmax."""
+    y_score = np.asarray(y_score)
+    if y_score.ndim == 1:
+        return (y_score > threshold).astype(np.int64)
+    return y_score.argmax(axis=1).astype(np.int64)
+
+
+def classification_report(
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    *,
+    multilabel: bool = False,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """All headline metrics with bootstrap CIs: ``{name: {"value", "lo", "hi"}}``.
+
+    y_true: (N,) int classes, or (N, C) {0,1} multi-label; y_prob: (N, C) probabilities
+    (softmax for single-label, per-label sigmoid for multi-label). Binary tasks report binary
+    F1; multi-class report macro AUROC, macro and weighted F1.
+    """
+    y_true = np.asarray(y_true)
+    y_prob = np.asarray(y_prob, dtype=np.float64)
+    fns: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {}
+    if multilabel:
+        fns["auroc_macro"] = auroc
+        fns["f1_macro"] = lambda t, p: float(
+            np.mean([f1(t[:, c], (p[:, c] > 0.5).astype(int)) for c in range(t.shape[1])])
+        )
+        fns["balanced_accuracy_macro"] = lambda t, p: float(
+            np.nanmean(
+                [balanced_accuracy(t[:, c], (p[:, c] > 0.5).astype(int)) for c in range(t.shape[1])]
+            )
+        )
+    else:
+        c = y_prob.shape[1]
+        fns["auroc" if c == 2 else "auroc_macro"] = lambda t, p: auroc(t, p, num_classes=c)
+        fns["balanced_accuracy"] = lambda t, p: balanced_accuracy(t, p.argmax(1))
+        fns["accuracy"] = lambda t, p: accuracy(t, p.argmax(1))
+        if c == 2:
+            fns["f1"] = lambda t, p: f1(t, p.argmax(1), "binary")
+        else:
+            fns["f1_macro"] = lambda t, p: f1(t, p.argmax(1), "macro")
+            fns["f1_weighted"] = lambda t, p: f1(t, p.argmax(1), "weighted")
+    out = {}
+    for i, (name, fn) in enumerate(fns.items()):
+        v, lo, hi = bootstrap_ci(
+            fn, y_true, y_prob, n_boot=n_boot, alpha=alpha, seed=seed + i, groups=groups
+        )
+        out[name] = {"value": v, "lo": lo, "hi": hi}
+    return out
+
+
+def _save_fig(fig, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def roc_curve_png(
+    y_true: np.ndarray,
+    y_score: np.ndarray,
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    title: str = "ROC",
+) -> Path:
+    """Write ROC curve(s) as PNG: one curve for binary, one-vs-rest per class otherwise.
+
+    y_true: (N,) int; y_score: (N,) or (N, C). The legend shows each curve's AUROC.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    y_true = np.asarray(y_true)
+    y_score = np.asarray(y_score, dtype=np.float64)
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    if y_score.ndim == 1 or y_score.shape[1] <= 2:
+        curves = [
+            (
+                class_names[1] if class_names and len(class_names) > 1 else "positive",
+                y_true == 1,
+                _binary_scores(y_score),
+            )
+        ]
+    else:
+        names = list(class_names) if class_names else [str(k) for k in range(y_score.shape[1])]
+        curves = [(names[k], y_true == k, y_score[:, k]) for k in range(y_score.shape[1])]
+    for name, pos, s in curves:
+        if pos.all() or not pos.any():
+            continue
+        fpr, tpr, _ = skm.roc_curve(pos.astype(int), s)
+        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUROC {skm.auc(fpr, tpr):.3f})")
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+    ax.set(
+        xlabel="False positive rate",
+        ylabel="True positive rate",
+        title=title,
+        xlim=(0, 1),
+        ylim=(0, 1.01),
+    )
+    ax.legend(loc="lower right", fontsize=8)
+    return _save_fig(fig, path)
+
+
+def confusion_matrix_png(
+    y_true: np.ndarray,
+    y_pred: np.ndarray,
+    path: str | Path,
+    class_names: Sequence[str] | None = None,
+    normalize: bool = True,
+    title: str = "Confusion matrix",
+) -> Path:
+    """Write a confusion matrix PNG (rows: true class, columns: predicted; row-normalised
+    when ``normalize``, with the raw counts printed in each cell)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(class_names) if class_names else int(max(np.max(y_true), np.max(y_pred)) + 1)
+    names = list(class_names) if class_names else [str(k) for k in range(n)]
+    cm = skm.confusion_matrix(y_true, y_pred, labels=list(range(n)))
+    shown = cm / np.maximum(cm.sum(axis=1, keepdims=True), 1) if normalize else cm
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * n, 1.0 + 0.7 * n))
+    ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalize else None)
+    for i in range(n):
+        for j in range(n):
+            txt = f"{shown[i, j]:.2f}\n({cm[i, j]})" if normalize else str(cm[i, j])
+            ax.text(
+                j,
+                i,
+                txt,
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if shown[i, j] > 0.6 * shown.max() else "black",
+            )
+    ax.set(xticks=range(n), yticks=range(n), xlabel="Predicted", ylabel="True", title=title)
+    ax.set_xticklabels(names, rotation=45, ha="right")
+    ax.set_yticklabels(names)
+    return _save_fig(fig, path)
