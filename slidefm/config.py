@@ -75,18 +75,26 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
     names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"Unknown {cls.__name__} option(s): {', '.join(unknown)}. Known: {', '.join(sorted(names))}")
+        raise ConfigError(
+            f"Unknown {cls.__name__} option(s): {', '.join(unknown)}. Known: {', '.join(sorted(names))}"
+        )
     kwargs = {}
     for f in dataclasses.fields(cls):  # type: ignore[arg-type]
         if f.name in data:
             val = data[f.name]
-            if isinstance(val, list) and f.type in ("tuple[int, ...]", "tuple[float, ...]", "tuple[str, ...]"):
+            if isinstance(val, list) and f.type in (
+                "tuple[int, ...]",
+                "tuple[float, ...]",
+                "tuple[str, ...]",
+            ):
                 val = tuple(val)
             kwargs[f.name] = val
     return cls(**kwargs)
 
 
-def load_config(cls: type[T], path: str | Path | None, overrides: list[str] | None = None, subdir: str = "") -> T:
+def load_config(
+    cls: type[T], path: str | Path | None, overrides: list[str] | None = None, subdir: str = ""
+) -> T:
     """YAML file (optional) + overrides → ``cls`` instance."""
     base = load_yaml(resolve_config_path(path, subdir)) if path else {}
     return from_dict(cls, apply_overrides(base, overrides))

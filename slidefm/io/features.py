@@ -92,35 +92,42 @@ def write_features(path: str | Path, sf: SlideFeatures) -> Path:
     n = sf.num_tiles
     feats = np.asarray(sf.features)
     if feats.ndim != 2 or feats.shape[0] != n:
-        raise FeatureFileError(f"{sf.slide_id}: features shape {feats.shape} does not match {n} coords")
+        raise FeatureFileError(
+            f"{sf.slide_id}: features shape {feats.shape} does not match {n} coords"
+        )
     if not np.isfinite(feats).all():
         bad = int((~np.isfinite(feats)).any(axis=1).sum())
-        raise FeatureFileError(f"{sf.slide_id}: {bad} tile(s) have NaN/Inf features; refusing to write")
+        raise FeatureFileError(
+            f"{sf.slide_id}: {bad} tile(s) have NaN/Inf features; refusing to write"
+        )
     if sf.grid.shape != (n, 2) or sf.tissue_fraction.shape != (n,):
         raise FeatureFileError(f"{sf.slide_id}: grid/tissue_fraction shapes do not match {n} tiles")
-    missing = [k for k in REQUIRED_ATTRS if k not in sf.attrs and k not in ("schema", "schema_version", "complete", "slide_id")]
+    missing = [
+        k
+        for k in REQUIRED_ATTRS
+        if k not in sf.attrs and k not in ("schema", "schema_version", "complete", "slide_id")
+    ]
     if missing:
         raise FeatureFileError(f"{sf.slide_id}: missing attrs {missing}")
     path = Path(path)
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.create_dataset("features", data=feats)
-            dc = f.create_dataset("coords", data=np.asarray(sf.coords, dtype=np.int64))
-            f.create_dataset("grid", data=np.asarray(sf.grid, dtype=np.int32))
-            f.create_dataset("tissue_fraction", data=np.asarray(sf.tissue_fraction, dtype=np.float32))
-            attrs = dict(sf.attrs)
-            attrs.update(schema=SCHEMA, schema_version=SCHEMA_VERSION, slide_id=sf.slide_id)
-            for k, v in attrs.items():
-                if k == "complete":
-                    continue
-                f.attrs[k] = "" if v is None else v
-            for k in TRIDENT_COORD_ATTRS:
-                src = "slide_id" if k == "name" else k
-                if src in attrs and attrs[src] is not None:
-                    dc.attrs[k] = attrs[src]
-            # Last write before close: a reader that sees complete=True sees everything else.
-            f.attrs["complete"] = True
-            f.flush()
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.create_dataset("features", data=feats)
+        dc = f.create_dataset("coords", data=np.asarray(sf.coords, dtype=np.int64))
+        f.create_dataset("grid", data=np.asarray(sf.grid, dtype=np.int32))
+        f.create_dataset("tissue_fraction", data=np.asarray(sf.tissue_fraction, dtype=np.float32))
+        attrs = dict(sf.attrs)
+        attrs.update(schema=SCHEMA, schema_version=SCHEMA_VERSION, slide_id=sf.slide_id)
+        for k, v in attrs.items():
+            if k == "complete":
+                continue
+            f.attrs[k] = "" if v is None else v
+        for k in TRIDENT_COORD_ATTRS:
+            src = "slide_id" if k == "name" else k
+            if src in attrs and attrs[src] is not None:
+                dc.attrs[k] = attrs[src]
+        # Last write before close: a reader that sees complete=True sees everything else.
+        f.attrs["complete"] = True
+        f.flush()
     return path
 
 
@@ -171,7 +178,9 @@ def read_features(path: str | Path, *, dtype: Any = np.float32) -> SlideFeatures
     with f:
         attrs = {k: _decode(v) for k, v in f.attrs.items()}
         if attrs.get("schema") == SCHEMA and not attrs.get("complete"):
-            raise FeatureFileError(f"{path}: incomplete feature file (interrupted write); re-run encode-slides")
+            raise FeatureFileError(
+                f"{path}: incomplete feature file (interrupted write); re-run encode-slides"
+            )
         fkey = next((k for k in ("features", "feats") if k in f), None)
         if fkey is None:
             raise FeatureFileError(f"{path}: no 'features' dataset (keys: {list(f.keys())})")
@@ -179,7 +188,9 @@ def read_features(path: str | Path, *, dtype: Any = np.float32) -> SlideFeatures
         if feats.ndim == 3 and feats.shape[0] == 1:  # TRIDENT/CLAM sometimes store (1, N, D)
             feats = feats[0]
         if "coords" not in f:
-            raise FeatureFileError(f"{path}: no 'coords' dataset; slide encoders need tile positions")
+            raise FeatureFileError(
+                f"{path}: no 'coords' dataset; slide encoders need tile positions"
+            )
         coords = np.asarray(f["coords"][()], dtype=np.int64).reshape(-1, 2)
         cattrs = {k: _decode(v) for k, v in f["coords"].attrs.items()}
         if "grid" in f:
@@ -192,7 +203,11 @@ def read_features(path: str | Path, *, dtype: Any = np.float32) -> SlideFeatures
                 step = int(diffs.min()) if diffs.size else 1
             grid = grid_from_coords(coords, float(step))
             attrs.setdefault("patch_size_level0", step)
-        tf = np.asarray(f["tissue_fraction"][()], dtype=np.float32) if "tissue_fraction" in f else np.ones(len(coords), np.float32)
+        tf = (
+            np.asarray(f["tissue_fraction"][()], dtype=np.float32)
+            if "tissue_fraction" in f
+            else np.ones(len(coords), np.float32)
+        )
     if feats.shape[0] != coords.shape[0]:
         raise FeatureFileError(f"{path}: {feats.shape[0]} features but {coords.shape[0]} coords")
     slide_id = str(attrs.get("slide_id") or path.stem)

@@ -17,7 +17,11 @@ class ManifestError(ValueError):
 
 
 def _rows(df: pd.DataFrame, mask: pd.Series, n: int = 5) -> str:
-    ids = df.loc[mask, "slide_id"].astype(str).tolist() if "slide_id" in df else df.index[mask].tolist()
+    ids = (
+        df.loc[mask, "slide_id"].astype(str).tolist()
+        if "slide_id" in df
+        else df.index[mask].tolist()
+    )
     more = f" (+{len(ids) - n} more)" if len(ids) > n else ""
     return ", ".join(map(str, ids[:n])) + more
 
@@ -49,7 +53,9 @@ def read_manifest(
     for c in required:
         empty = df[c].isna() | (df[c].astype(str).str.strip() == "")
         if empty.any():
-            raise ManifestError(f"Manifest {path}: column {c!r} is empty in {int(empty.sum())} row(s) (rows {list(df.index[empty][:5])})")
+            raise ManifestError(
+                f"Manifest {path}: column {c!r} is empty in {int(empty.sum())} row(s) (rows {list(df.index[empty][:5])})"
+            )
     if "slide_id" in df:
         df["slide_id"] = df["slide_id"].astype(str).str.strip()
         dup = df["slide_id"].duplicated(keep=False)
@@ -59,16 +65,23 @@ def read_manifest(
             df["case_id"] = df["slide_id"]
     if "path" in df:
         base = path.parent
-        df["path"] = [str(p) if Path(str(p)).is_absolute() else str((base / str(p)).resolve()) for p in df["path"]]
+        df["path"] = [
+            str(p) if Path(str(p)).is_absolute() else str((base / str(p)).resolve())
+            for p in df["path"]
+        ]
         if check_paths:
             gone = ~df["path"].map(lambda p: Path(p).exists())
             if gone.any():
-                raise ManifestError(f"Manifest {path}: {int(gone.sum())} slide file(s) not found: {_rows(df, gone)}")
+                raise ManifestError(
+                    f"Manifest {path}: {int(gone.sum())} slide file(s) not found: {_rows(df, gone)}"
+                )
     if "split" in df and "case_id" in df:
         per_case = df.groupby("case_id")["split"].nunique()
         bad = per_case[per_case > 1]
         if len(bad):
-            raise ManifestError(f"Manifest {path}: patient(s) in more than one split: {', '.join(bad.index[:5])}")
+            raise ManifestError(
+                f"Manifest {path}: patient(s) in more than one split: {', '.join(bad.index[:5])}"
+            )
     return df.reset_index(drop=True)
 
 
@@ -77,9 +90,13 @@ def check_labels(df: pd.DataFrame, column: str, allowed: Iterable | None = None)
     if column not in df:
         raise ManifestError(f"Manifest has no label column {column!r}; columns: {list(df.columns)}")
     if df[column].isna().any():
-        raise ManifestError(f"Label column {column!r} is empty for slide(s): {_rows(df, df[column].isna())}")
+        raise ManifestError(
+            f"Label column {column!r} is empty for slide(s): {_rows(df, df[column].isna())}"
+        )
     if allowed is not None:
         allowed = set(allowed)
         bad = ~df[column].isin(allowed)
         if bad.any():
-            raise ManifestError(f"Label column {column!r} has unknown value(s) {sorted(set(df.loc[bad, column]))[:5]}; allowed: {sorted(allowed)}")
+            raise ManifestError(
+                f"Label column {column!r} has unknown value(s) {sorted(set(df.loc[bad, column]))[:5]}; allowed: {sorted(allowed)}"
+            )

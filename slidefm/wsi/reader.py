@@ -1,0 +1,239 @@
+"""SlideReader: one way to open a whole-slide image and read pixels at an exact µm/px.
+
+OpenSlide first (SVS, NDPI, MRXS, generic tiled TIFF, DICOM, …), tiffslide as a fallback for
+TIFF variants OpenSlide refuses. Resolution is always µm/px; magnification is never trusted
+alone. Coordinates given to and returned from this module are level-0 pixels unless named
+otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+SLIDE_EXTENSIONS = (
+    ".svs",
+    ".ndpi",
+    ".tif",
+    ".tiff",
+    ".mrxs",
+    ".scn",
+    ".vms",
+    ".vmu",
+    ".bif",
+    ".svslide",
+    ".dcm",
+)
+
+
+class SlideReadError(RuntimeError):
+    """A slide that cannot be opened or read; the message names the file and the cause."""
+
+
+class MissingMPPError(SlideReadError):
+    """The slide has no µm/px metadata; the user must pass ``--mpp``."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SlideInfo:
+    """What a slide is. ``mpp`` is level-0 µm/px (x, y) or None; ``mpp_source`` says where it came from."""
+
+    path: str
+    backend: str
+    vendor: str
+    width: int
+    height: int
+    level_count: int
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    mpp: tuple[float, float] | None
+    mpp_source: str
+    objective_power: float | None
+
+    def level_mpp(self, level: int) -> float:
+        """µm/px of ``level`` (mean of x and y)."""
+        if self.mpp is None:
+            raise MissingMPPError(f"{self.path}: no µm/px")
+        return 0.5 * (self.mpp[0] + self.mpp[1]) * self.level_downsamples[level]
+
+
+def _float_or_none(v: Any) -> float | None:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) and f > 0 else None
+
+
+def mpp_from_properties(props: dict[str, str]) -> tuple[tuple[float, float] | None, str]:
+    """Level-0 µm/px from slide properties, and the property it came from.
+
+    Order: ``openslide.mpp-x/y``; TIFF X/YResolution with ResolutionUnit (cm or inch, not
+    'none'); tiffslide's ``tiffslide.mpp-x/y``. Objective power alone is never used.
+    """
+    for kx, ky in (("openslide.mpp-x", "openslide.mpp-y"), ("tiffslide.mpp-x", "tiffslide.mpp-y")):
+        x, y = _float_or_none(props.get(kx)), _float_or_none(props.get(ky))
+        if x and y:
+            return (x, y), kx.rsplit("-", 1)[0]
+    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
+    per_unit_um = {"centimeter": 1e4, "cm": 1e4, "inch": 25400.0, "in": 25400.0}.get(unit)
+    xr, yr = (
+        _float_or_none(props.get("tiff.XResolution")),
+        _float_or_none(props.get("tiff.YResolution")),
+    )
+    if per_unit_um and xr and yr:
+        mx, my = per_unit_um / xr, per_unit_um / yr
+        if 0.01 < mx < 100 and 0.01 < my < 100:  # microscope range; reject 72-dpi defaults
+            return (mx, my), "tiff.XResolution"
+    return None, "none"
+
+
+class SlideReader:
+    """Open a slide for reading. Use as a context manager or call ``close()``.
+
+    ``mpp_override`` (µm/px) replaces missing or wrong metadata and is recorded as the source.
+    """
+
+    def __init__(self, path: str | Path, mpp_override: float | None = None, backend: str = "auto"):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise SlideReadError(f"{self.path}: file not found")
+        if self.path.is_file() and self.path.stat().st_size == 0:
+            raise SlideReadError(f"{self.path}: empty file")
+        self._slide, backend_used = self._open(backend)
+        props = dict(self._slide.properties)
+        mpp, source = mpp_from_properties(props)
+        if mpp_override is not None:
+            if not mpp_override > 0:
+                raise ValueError(f"--mpp must be positive, got {mpp_override}")
+            mpp, source = (float(mpp_override), float(mpp_override)), "override"
+        vendor = props.get("openslide.vendor") or props.get("tiffslide.vendor") or "unknown"
+        self.info = SlideInfo(
+            path=str(self.path),
+            backend=backend_used,
+            vendor=str(vendor),
+            width=int(self._slide.dimensions[0]),
+            height=int(self._slide.dimensions[1]),
+            level_count=int(self._slide.level_count),
+            level_dimensions=tuple((int(w), int(h)) for w, h in self._slide.level_dimensions),
+            level_downsamples=tuple(float(d) for d in self._slide.level_downsamples),
+            mpp=mpp,
+            mpp_source=source,
+            objective_power=_float_or_none(
+                props.get("openslide.objective-power") or props.get("tiffslide.objective-power")
+            ),
+        )
+
+    def _open(self, backend: str):
+        errors = []
+        if backend in ("auto", "openslide"):
+            import openslide
+
+            try:
+                return openslide.OpenSlide(str(self.path)), "openslide"
+            except (
+                openslide.OpenSlideError,
+                OSError,
+            ) as e:  # base class: covers unsupported + corrupt
+                errors.append(f"openslide: {type(e).__name__}: {e}")
+        if backend in ("auto", "tiffslide") and self.path.suffix.lower() in (
+            ".tif",
+            ".tiff",
+            ".svs",
+        ):
+            try:
+                import tiffslide
+
+                s = tiffslide.TiffSlide(str(self.path))
+                return s, "tiffslide"
+            except Exception as e:  # tifffile raises many types for non-TIFF input
+                errors.append(f"tiffslide: {type(e).__name__}: {e}")
+        if not errors:
+            errors.append(f"unknown backend {backend!r}")
+        raise SlideReadError(f"{self.path}: cannot open as a slide ({'; '.join(errors)})")
+
+    # -- resolution -------------------------------------------------------------------------
+    @property
+    def mpp(self) -> float:
+        """Level-0 µm/px (mean of x, y). Raises ``MissingMPPError`` naming ``--mpp`` when unknown."""
+        if self.info.mpp is None:
+            raise MissingMPPError(
+                f"{self.path}: no microns-per-pixel metadata (openslide.mpp-x/y, TIFF resolution). "
+                "Pass the scanner's level-0 resolution with --mpp (e.g. --mpp 0.25 for 40x, 0.5 for 20x)."
+            )
+        return 0.5 * (self.info.mpp[0] + self.info.mpp[1])
+
+    def best_level_for_mpp(self, target_mpp: float, rtol: float = 1e-3) -> int:
+        """Lowest-resolution level whose µm/px ≤ ``target_mpp`` (within ``rtol``); level 0 if none.
+
+        Reading there and downsampling keeps every tile at the exact target µm/px without
+        upsampling, while reading as few pixels as possible.
+        """
+        base = self.mpp
+        best = 0
+        for lvl, ds in enumerate(self.info.level_downsamples):
+            if base * ds <= target_mpp * (1 + rtol):
+                best = lvl if ds >= self.info.level_downsamples[best] else best
+        return best
+
+    # -- pixels -----------------------------------------------------------------------------
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 array (height, width, 3) of a region whose top-left is level-0 (x, y),
+        ``width``×``height`` pixels of ``level``. Transparent pixels (outside the scan) become white.
+        """
+        try:
+            img = self._slide.read_region((int(x), int(y)), int(level), (int(width), int(height)))
+        except Exception as e:  # OpenSlideError, tifffile/codec errors on corrupt tiles
+            raise SlideReadError(
+                f"{self.path}: reading region at ({x}, {y}) level {level} failed: {type(e).__name__}: {e}"
+            ) from e
+        return rgba_to_rgb(img)
+
+    def thumbnail(self, max_size: int = 2048) -> tuple[np.ndarray, float]:
+        """RGB thumbnail (h, w, 3) whose longer side is ≤ ``max_size``, and its scale in
+        level-0 pixels per thumbnail pixel (x and y share one scale up to rounding)."""
+        w, h = self.info.width, self.info.height
+        scale = max(w, h) / max_size if max(w, h) > max_size else 1.0
+        tw, th = max(1, round(w / scale)), max(1, round(h / scale))
+        # Read the smallest level at least as large as the thumbnail, then resize.
+        level = 0
+        for lvl, (lw, lh) in enumerate(self.info.level_dimensions):
+            if lw >= tw and lh >= th:
+                level = lvl
+        lw, lh = self.info.level_dimensions[level]
+        img = Image.fromarray(self.read_region(0, 0, level, lw, lh))
+        if (lw, lh) != (tw, th):
+            img = img.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=2.0)
+        return np.asarray(img), w / tw
+
+    def close(self) -> None:
+        self._slide.close()
+
+    def __enter__(self) -> SlideReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def rgba_to_rgb(img: Image.Image) -> np.ndarray:
+    """Composite an RGBA PIL image on white; OpenSlide returns transparent pixels outside the scan."""
+    if img.mode == "RGB":
+        return np.asarray(img)
+    if img.mode != "RGBA":
+        return np.asarray(img.convert("RGB"))
+    arr = np.asarray(img).astype(np.uint16)
+    alpha = arr[..., 3:4]
+    # OpenSlide returns premultiplied-looking output with alpha 0 → black; map to white.
+    rgb = (arr[..., :3] * alpha + 255 * (255 - alpha)) // 255
+    return rgb.astype(np.uint8)
+
+
+def slide_id_from_path(path: str | Path) -> str:
+    """The file name without its (last) extension; MRXS/DICOM folders keep their stem too."""
+    return Path(path).name.rsplit(".", 1)[0] if "." in Path(path).name else Path(path).name
