@@ -8,7 +8,9 @@ import json
 from slidefm.wsi.reader import MissingMPPError, SlideReader
 
 
-def describe(path: str, target_mpp: float = 0.5, patch_size: int = 256, mpp: float | None = None) -> dict:
+def describe(
+    path: str, target_mpp: float = 0.5, patch_size: int = 256, mpp: float | None = None
+) -> dict:
     """Slide properties plus the pyramid level and region size a target µm/px reads."""
     with SlideReader(path, mpp_override=mpp) as r:
         i = r.info

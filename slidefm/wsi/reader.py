@@ -150,6 +150,8 @@ class SlideReader:
                 import tiffslide
 
                 s = tiffslide.TiffSlide(str(self.path))
+                # tiffslide opens lazily: decode one pixel now so unsupported codecs fail here.
+                s.read_region((0, 0), s.level_count - 1, (1, 1))
                 return s, "tiffslide"
             except Exception as e:  # tifffile raises many types for non-TIFF input
                 errors.append(f"tiffslide: {type(e).__name__}: {e}")
