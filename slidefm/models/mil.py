@@ -1,0 +1,367 @@
+"""Multiple-instance learning heads on tile-feature bags: mean/max pooling, gated-attention
+ABMIL, TransMIL, and the pretrained slide encoder with a head.
+
+Every model has one call signature, so training, prediction and heatmaps never special-case:
+
+    model(features[B, N, D], grid[B, N, 2] int (col, row), padding_mask[B, N] bool, True = pad)
+        -> {"logits": [B, C], "attention": [B, N] (optional; 0 on padding)}
+
+Padding never influences the output: a padded bag gives the same logits as the bag alone.
+Targets: single-label (binary = 2 classes, multi-class) use softmax cross-entropy over C logits;
+multi-label uses one sigmoid per logit (see ``mil_loss``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MIL_MODELS = ("mean", "max", "abmil", "transmil", "slide_encoder")
+
+
+def _mask(features: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+    """[B, N] bool, True = pad (all False when no mask is given)."""
+    if padding_mask is None:
+        return torch.zeros(features.shape[:2], dtype=torch.bool, device=features.device)
+    return padding_mask.to(torch.bool)
+
+
+def _tile_mlp(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
+
+
+class PoolMIL(nn.Module):
+    """Baselines: per-tile MLP, then masked mean or max over tiles, then a linear classifier.
+
+    Mean pooling can learn "how much of X is in the slide"; neither can use tile positions.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        pool: str = "mean",
+        hidden: int = 256,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if pool not in ("mean", "max"):
+            raise ValueError(f"pool must be 'mean' or 'max', not {pool!r}")
+        self.pool = pool
+        self.tile = _tile_mlp(in_dim, hidden, dropout)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        grid: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        pad = _mask(features, padding_mask)
+        h = self.tile(features)  # [B, N, H]
+        if self.pool == "mean":
+            keep = (~pad).unsqueeze(-1).to(h.dtype)
+            pooled = (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
+        else:
+            pooled = h.masked_fill(pad.unsqueeze(-1), float("-inf")).amax(1)
+            pooled = torch.nan_to_num(pooled, neginf=0.0)  # an all-pad bag gives zeros
+        return {"logits": self.head(pooled)}
+
+
+class ABMIL(nn.Module):
+    """Gated attention MIL (Ilse et al. 2018; CLAM-SB layout).
+
+    a_i = w^T (tanh(V h_i) ⊙ sigmoid(U h_i)); attention = softmax over the bag's real tiles;
+    slide vector = Σ attention_i h_i. ``attention`` [B, N] is returned for heatmaps.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        hidden: int = 256,
+        attn_dim: int = 128,
+        dropout: float = 0.25,
+    ):
+        super().__init__()
+        self.tile = _tile_mlp(in_dim, hidden, dropout)
+        self.attn_v = nn.Sequential(nn.Linear(hidden, attn_dim), nn.Tanh(), nn.Dropout(dropout))
+        self.attn_u = nn.Sequential(nn.Linear(hidden, attn_dim), nn.Sigmoid(), nn.Dropout(dropout))
+        self.attn_w = nn.Linear(attn_dim, 1)
+        self.head = nn.Linear(hidden, num_classes)
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        grid: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        pad = _mask(features, padding_mask)
+        h = self.tile(features)  # [B, N, H]
+        a = self.attn_w(self.attn_v(h) * self.attn_u(h)).squeeze(-1)  # [B, N] raw scores
+        a = a.float().masked_fill(pad, float("-inf"))
+        w = torch.nan_to_num(torch.softmax(a, dim=1), nan=0.0)  # all-pad bag → zeros
+        pooled = torch.einsum("bn,bnh->bh", w.to(h.dtype), h)
+        return {"logits": self.head(pooled), "attention": w, "attention_raw": a}
+
+
+def _pinv(x: torch.Tensor) -> torch.Tensor:
+    """Moore–Penrose pseudo-inverse in float32 (SVD; exact, unlike the iterative scheme)."""
+    return torch.linalg.pinv(x.float())
+
+
+class NystromAttention(nn.Module):
+    """Multi-head self-attention with the Nyström approximation (Xiong et al. 2021) as used by
+    TransMIL, for one bag at a time (x: [1, n, dim]).
+
+    Landmarks are means of ``num_landmarks`` contiguous, near-equal token segments (no zero
+    padding, so no empty landmarks). When n ≤ num_landmarks, exact softmax attention is used:
+    the approximation would only cost accuracy. Unlike the reference ``nystrom-attention``
+    package there is no depthwise-conv residual on the values (PPEG already mixes neighbours).
+    """
+
+    def __init__(self, dim: int, heads: int = 8, num_landmarks: int = 256, dropout: float = 0.1):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim {dim} must be divisible by heads {heads}")
+        self.heads, self.num_landmarks = heads, num_landmarks
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.out = nn.Sequential(nn.Linear(dim, dim), nn.Dropout(dropout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, dim = x.shape
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = (
+            t.reshape(b, n, self.heads, -1).transpose(1, 2) for t in (q, k, v)
+        )  # [b, h, n, d]
+        scale = q.shape[-1] ** -0.5
+        m = self.num_landmarks
+        if n <= m:
+            o = F.scaled_dot_product_attention(q, k, v)
+        else:
+            seg = torch.arange(n, device=x.device) * m // n  # segment id of each token, 0..m-1
+            counts = torch.bincount(seg, minlength=m).to(q.dtype).view(1, 1, m, 1)
+            q_l = (
+                torch.zeros(
+                    b, self.heads, m, q.shape[-1], dtype=q.dtype, device=x.device
+                ).index_add_(2, seg, q)
+                / counts
+            )
+            k_l = torch.zeros_like(q_l).index_add_(2, seg, k) / counts
+            k1 = torch.softmax(q @ k_l.transpose(-1, -2) * scale, dim=-1)  # [b, h, n, m]
+            k2 = torch.softmax(q_l @ k_l.transpose(-1, -2) * scale, dim=-1)  # [b, h, m, m]
+            k3 = torch.softmax(q_l @ k.transpose(-1, -2) * scale, dim=-1)  # [b, h, m, n]
+            o = (k1.float() @ _pinv(k2)) @ (k3.float() @ v.float())
+            o = o.to(v.dtype)
+        return self.out(o.transpose(1, 2).reshape(b, n, dim))
+
+
+class PPEG(nn.Module):
+    """Pyramid position encoding generator: depthwise 7/5/3 convolutions on the tiles laid out
+    on their real slide grid (the original reshapes the sequence into an arbitrary square;
+    using ``grid`` keeps true neighbours adjacent). Empty grid cells are zeros.
+
+    Memory: one [dim, rows, cols] canvas per bag (bounding box of the tissue's grid cells).
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.convs = nn.ModuleList(
+            nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim) for k in (7, 5, 3)
+        )
+
+    def forward(self, h: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """h: [n, dim] tile tokens; grid: [n, 2] (col, row) → [n, dim]."""
+        g = grid.long() - grid.long().amin(0, keepdim=True)
+        cols, rows = int(g[:, 0].max()) + 1, int(g[:, 1].max()) + 1
+        flat = g[:, 1] * cols + g[:, 0]
+        canvas = h.new_zeros(rows * cols, h.shape[1]).index_copy(0, flat, h)
+        canvas = canvas.t().reshape(1, h.shape[1], rows, cols)
+        mixed = canvas + sum(conv(canvas) for conv in self.convs)
+        return mixed.reshape(h.shape[1], rows * cols).t()[flat]
+
+
+class TransMIL(nn.Module):
+    """TransMIL (Shao et al. 2021): tile projection, CLS token, Nyström layer, PPEG, Nyström
+    layer, CLS readout. Runs bag by bag (PPEG and landmarks are defined on one bag), which
+    also makes padding exactly irrelevant. ``num_landmarks`` defaults to dim // 2 as in TransMIL.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_classes: int,
+        dim: int = 512,
+        heads: int = 8,
+        num_landmarks: int | None = None,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        landmarks = num_landmarks or dim // 2
+        self.proj = nn.Sequential(nn.Linear(in_dim, dim), nn.ReLU())
+        self.cls = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.norm1, self.norm2, self.norm_out = (
+            nn.LayerNorm(dim),
+            nn.LayerNorm(dim),
+            nn.LayerNorm(dim),
+        )
+        self.attn1 = NystromAttention(dim, heads, landmarks, dropout)
+        self.attn2 = NystromAttention(dim, heads, landmarks, dropout)
+        self.ppeg = PPEG(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def _one(self, feats: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        h = self.proj(feats).unsqueeze(0)  # [1, n, dim]
+        x = torch.cat([self.cls, h], dim=1)
+        x = x + self.attn1(self.norm1(x))
+        x = torch.cat([x[:, :1], self.ppeg(x[0, 1:], grid).unsqueeze(0)], dim=1)
+        x = x + self.attn2(self.norm2(x))
+        return self.head(self.norm_out(x[0, 0]))
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        grid: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        pad = _mask(features, padding_mask)
+        if grid is None:  # no positions: lay the tiles out in one row
+            grid = torch.stack(
+                [torch.arange(features.shape[1]), torch.zeros(features.shape[1], dtype=torch.long)],
+                -1,
+            )
+            grid = grid.unsqueeze(0).expand(features.shape[0], -1, -1).to(features.device)
+        logits = [
+            self._one(features[b][~pad[b]], grid[b][~pad[b]]) for b in range(features.shape[0])
+        ]
+        return {"logits": torch.stack(logits)}
+
+
+def _embed_dim(encoder: nn.Module, in_dim: int) -> int:
+    """Output width of a slide encoder: its declared attribute, else one dummy forward."""
+    for name in ("embed_dim", "out_dim", "output_dim", "dim"):
+        v = getattr(encoder, name, None)
+        if isinstance(v, int):
+            return v
+    cfg = getattr(encoder, "cfg", None) or getattr(encoder, "config", None)
+    for name in ("embed_dim", "out_dim", "dim"):
+        v = getattr(cfg, name, None)
+        if isinstance(v, int):
+            return v
+    with torch.no_grad():
+        was = encoder.training
+        encoder.eval()
+        out = encoder(
+            torch.zeros(1, 1, in_dim),
+            torch.zeros(1, 1, 2, dtype=torch.long),
+            torch.zeros(1, 1, dtype=torch.bool),
+        )
+        encoder.train(was)
+    return int(out.shape[-1])
+
+
+class SlideEncoderMIL(nn.Module):
+    """A pretrained slide encoder ``encoder(features, grid, padding_mask) -> [B, E]`` with a
+    linear head. ``freeze=True`` trains only the head (a linear probe trained end to end on
+    bags); ``freeze=False`` fine-tunes everything.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        in_dim: int,
+        num_classes: int,
+        freeze: bool = True,
+        dropout: float = 0.0,
+    ):
+        super().__init__()
+        self.encoder, self.freeze = encoder, freeze
+        if freeze:
+            for p in self.encoder.parameters():
+                p.requires_grad_(False)
+        self.head = nn.Sequential(
+            nn.Dropout(dropout), nn.Linear(_embed_dim(encoder, in_dim), num_classes)
+        )
+
+    def train(self, mode: bool = True) -> SlideEncoderMIL:
+        super().train(mode)
+        if self.freeze:  # a frozen encoder keeps eval-mode dropout/normalisation
+            self.encoder.eval()
+        return self
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        grid: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        pad = _mask(features, padding_mask)
+        if grid is None:
+            raise ValueError("SlideEncoderMIL needs tile grid positions")
+        if self.freeze:
+            with torch.no_grad():
+                z = self.encoder(features, grid, pad)
+        else:
+            z = self.encoder(features, grid, pad)
+        return {"logits": self.head(z.float()), "embedding": z}
+
+
+def build_mil_model(
+    name: str, in_dim: int, num_classes: int, encoder: nn.Module | None = None, **kwargs: Any
+) -> nn.Module:
+    """Model by name (``MIL_MODELS``); ``encoder`` is required for ``slide_encoder``."""
+    if name in ("mean", "max"):
+        return PoolMIL(in_dim, num_classes, pool=name, **kwargs)
+    if name == "abmil":
+        return ABMIL(in_dim, num_classes, **kwargs)
+    if name == "transmil":
+        return TransMIL(in_dim, num_classes, **kwargs)
+    if name == "slide_encoder":
+        if encoder is None:
+            raise ValueError(
+                "--model slide_encoder needs a slide encoder (--slide-encoder CHECKPOINT)"
+            )
+        return SlideEncoderMIL(encoder, in_dim, num_classes, **kwargs)
+    raise ValueError(f"Unknown MIL model {name!r}; choose one of {', '.join(MIL_MODELS)}")
+
+
+def class_weights(labels: torch.Tensor, num_classes: int, multilabel: bool = False) -> torch.Tensor:
+    """Inverse-frequency weights so each class contributes equally to the loss.
+
+    Single-label: [C] = N / (C · count_c) (sklearn's "balanced"). Multi-label: [C] positive
+    weights = negatives / positives per label, for ``BCEWithLogits(pos_weight=…)``.
+    Classes absent from ``labels`` get weight 1.
+    """
+    labels = torch.as_tensor(labels)
+    if multilabel:
+        pos = labels.float().sum(0)
+        neg = labels.shape[0] - pos
+        return torch.where(pos > 0, neg / pos.clamp_min(1), torch.ones_like(pos))
+    counts = torch.bincount(labels.long(), minlength=num_classes).float()
+    w = labels.numel() / (num_classes * counts.clamp_min(1))
+    return torch.where(counts > 0, w, torch.ones_like(w))
+
+
+def mil_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    multilabel: bool = False,
+    weight: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Cross-entropy for single-label targets ([B] int), BCE-with-logits for multi-label
+    ([B, C] {0,1}); ``weight`` from ``class_weights``."""
+    if multilabel:
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float(), pos_weight=weight)
+    return F.cross_entropy(logits.float(), target.long(), weight=weight)
+
+
+def probabilities(logits: torch.Tensor, multilabel: bool = False) -> torch.Tensor:
+    """[B, C] logits → probabilities (softmax, or per-label sigmoid)."""
+    return torch.sigmoid(logits.float()) if multilabel else torch.softmax(logits.float(), dim=-1)
+
+
+def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
