@@ -66,14 +66,17 @@ class TileRegionDataset(Dataset):
         x0, y0 = coords.min(axis=0)
         x1, y1 = coords.max(axis=0) + ext
         lw, lh = math.ceil((x1 - x0) / ds) + 1, math.ceil((y1 - y0) / ds) + 1
-        region = Image.fromarray(
-            self._get_reader().read_region(int(x0), int(y0), self.level, lw, lh)
-        )
+        region = self._get_reader().read_region_image(int(x0), int(y0), self.level, lw, lh)
         out = np.empty((len(idx), ps, ps, 3), dtype=np.uint8)
+        # When the read level is exactly at the target µm/px, tiles are plain crops.
+        arr = np.asarray(region) if abs(ext / ds - ps) < 1e-6 and float(ds).is_integer() else None
         for j, (cx, cy) in enumerate(coords):
             bx, by = (cx - x0) / ds, (cy - y0) / ds
-            box = (bx, by, bx + ext / ds, by + ext / ds)
-            tile = np.asarray(region.resize((ps, ps), Image.Resampling.BILINEAR, box=box))
+            if arr is not None:
+                tile = arr[int(by) : int(by) + ps, int(bx) : int(bx) + ps]
+            else:
+                box = (bx, by, bx + ext / ds, by + ext / ds)
+                tile = np.asarray(region.resize((ps, ps), Image.Resampling.BILINEAR, box=box))
             out[j] = self.tile_transform(tile) if self.tile_transform else tile
         return idx.astype(np.int64), out
 

