@@ -1,0 +1,178 @@
+"""Probes on frozen slide embeddings: logistic regression (C chosen on validation), kNN (k=20,
+cosine), few-shot prototypes. They measure what an embedding already separates, without
+training a MIL model (Roth et al.; eva).
+
+Shapes: embeddings ``x`` (N, E) float; labels ``y`` (N,) int in [0, C). Every probe returns
+test-set class probabilities (N_test, C), so one metric code path scores them all.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from slidefm.eval.metrics import accuracy, auroc, balanced_accuracy, f1
+
+DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
+FEW_SHOT_KS = (1, 2, 4, 8, 16)
+
+
+def _l2(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _full_proba(clf: LogisticRegression, x: np.ndarray, num_classes: int) -> np.ndarray:
+    """predict_proba with a column for every class, also those absent from training."""
+    out = np.zeros((len(x), num_classes))
+    out[:, clf.classes_.astype(int)] = clf.predict_proba(x)
+    return out
+
+
+@dataclasses.dataclass
+class LinearProbeResult:
+    """Test probabilities (N_test, C), the chosen C and the validation AUROC for every C."""
+
+    proba: np.ndarray
+    best_c: float
+    val_scores: dict[float, float]
+
+
+def linear_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_val: np.ndarray,
+    y_val: np.ndarray,
+    x_test: np.ndarray,
+    num_classes: int,
+    cs: Sequence[float] = DEFAULT_CS,
+    seed: int = 0,
+    max_iter: int = 2000,
+) -> LinearProbeResult:
+    """Standardised features → L2-regularised, class-balanced logistic regression.
+
+    Each C in ``cs`` is fit on train and scored by validation AUROC (macro for multi-class);
+    ties go to the smaller C (stronger regularisation). The chosen model is refit on train +
+    val before predicting test, so the test set is never used to choose anything.
+    """
+    scaler = StandardScaler().fit(x_train)
+
+    def fit(x, y, c):
+        clf = LogisticRegression(C=c, max_iter=max_iter, class_weight="balanced", random_state=seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            return clf.fit(x, y)
+
+    scores: dict[float, float] = {}
+    xt, xv = scaler.transform(x_train), scaler.transform(x_val)
+    for c in sorted(cs):
+        a = auroc(y_val, _full_proba(fit(xt, y_train, c), xv, num_classes), num_classes=num_classes)
+        scores[c] = a if np.isfinite(a) else -np.inf
+    best = max(sorted(scores), key=lambda c: scores[c])  # max keeps the first (smallest C) on ties
+    x_all, y_all = np.concatenate([x_train, x_val]), np.concatenate([y_train, y_val])
+    scaler = StandardScaler().fit(x_all)
+    clf = fit(scaler.transform(x_all), y_all, best)
+    return LinearProbeResult(_full_proba(clf, scaler.transform(x_test), num_classes), best, scores)
+
+
+def knn_probe(
+    x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, num_classes: int, k: int = 20
+) -> np.ndarray:
+    """k nearest neighbours by cosine similarity, uniform votes → (N_test, C) vote fractions.
+
+    ``k`` is capped at the training-set size. Ties in similarity keep the lower training index.
+    """
+    k = min(k, len(x_train))
+    sim = _l2(x_test) @ _l2(x_train).T  # (N_test, N_train)
+    nn_idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+    votes = np.zeros((len(x_test), num_classes))
+    for c in range(num_classes):
+        votes[:, c] = (y_train[nn_idx] == c).sum(1)
+    return votes / k
+
+
+def prototype_probe(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    num_classes: int,
+    temperature: float = 0.1,
+) -> np.ndarray:
+    """SimpleShot: centre on the training mean, L2-normalise, cosine to each class prototype
+    (mean of its normalised shots), softmax(sim / temperature) → (N_test, C).
+
+    Classes without shots get probability 0. Few-shot uses this because it has no
+    hyper-parameter to tune on a validation set that few-shot settings do not have.
+    """
+    mu = x_train.mean(0, keepdims=True)
+    tr, te = _l2(x_train - mu), _l2(x_test - mu)
+    logits = np.full((len(x_test), num_classes), -np.inf)
+    for c in np.unique(y_train).astype(int):
+        proto = _l2(tr[y_train == c].mean(0, keepdims=True))
+        logits[:, c] = (te @ proto.T)[:, 0] / temperature
+    logits -= logits.max(1, keepdims=True)
+    p = np.exp(logits)
+    return p / p.sum(1, keepdims=True)
+
+
+def score(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
+    """Headline metrics of (N, C) probabilities: AUROC, balanced accuracy, accuracy, F1."""
+    c = proba.shape[1]
+    pred = proba.argmax(1)
+    return {
+        "auroc": auroc(y_true, proba, num_classes=c),
+        "balanced_accuracy": balanced_accuracy(y_true, pred),
+        "accuracy": accuracy(y_true, pred),
+        "f1": f1(y_true, pred, "binary" if c == 2 else "macro"),
+    }
+
+
+def few_shot(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    y_test: np.ndarray,
+    num_classes: int,
+    shots: Sequence[int] = FEW_SHOT_KS,
+    n_draws: int = 50,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """For each k in ``shots``, ``n_draws`` random draws of k training slides per class, scored
+    on the whole test set with ``prototype_probe``. Returns one row per (k, draw) with the
+    metrics of ``score``. A k larger than the smallest class is skipped (not silently shrunk).
+    """
+    rng = np.random.default_rng(seed)
+    per_class = {c: np.flatnonzero(y_train == c) for c in range(num_classes)}
+    smallest = min(len(v) for v in per_class.values())
+    rows = []
+    for k in shots:
+        if k > smallest:
+            continue
+        for draw in range(n_draws):
+            idx = np.concatenate(
+                [rng.choice(per_class[c], size=k, replace=False) for c in range(num_classes)]
+            )
+            proba = prototype_probe(x_train[idx], y_train[idx], x_test, num_classes)
+            rows.append({"k": k, "draw": draw, **score(y_test, proba)})
+    return pd.DataFrame(rows, columns=["k", "draw", "auroc", "balanced_accuracy", "accuracy", "f1"])
+
+
+def mean_sd(
+    df: pd.DataFrame,
+    by: Sequence[str],
+    metrics: Sequence[str] = ("auroc", "balanced_accuracy", "accuracy", "f1"),
+) -> pd.DataFrame:
+    """Mean ± sample sd (ddof=1; 0 for a single run) of ``metrics`` grouped by ``by``, as
+    ``<metric>_mean`` / ``<metric>_sd`` columns plus ``n`` (runs averaged)."""
+    g = df.groupby(list(by))
+    out = g[list(metrics)].agg(["mean", "std"])
+    out.columns = [f"{m}_{'sd' if s == 'std' else s}" for m, s in out.columns]
+    out = out.fillna({f"{m}_sd": 0.0 for m in metrics})
+    out["n"] = g.size()
+    return out.reset_index()

@@ -1,0 +1,105 @@
+"""Probes against scikit-learn and naive loops."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from slidefm.eval.probes import few_shot, knn_probe, linear_probe, mean_sd, prototype_probe
+
+
+def data(n: int, c: int = 2, e: int = 12, sep: float = 1.0, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, c, n)
+    centres = rng.normal(size=(c, e)) * sep
+    return rng.normal(size=(n, e)) + centres[y], y
+
+
+def test_knn_equals_sklearn_cosine_knn():
+    x, y = data(150, c=3, seed=1)
+    xt, yt = x[:100], y[:100]
+    ref = (
+        KNeighborsClassifier(n_neighbors=20, metric="cosine", algorithm="brute")
+        .fit(xt, yt)
+        .predict_proba(x[100:])
+    )
+    np.testing.assert_allclose(knn_probe(xt, yt, x[100:], 3, k=20), ref)
+    # k larger than the training set is capped
+    p = knn_probe(xt[:5], yt[:5], x[100:], 3, k=20)
+    np.testing.assert_allclose(p.sum(1), 1.0)
+    np.testing.assert_allclose(p[0], np.bincount(yt[:5], minlength=3) / 5)
+
+
+def test_linear_probe_picks_best_validation_c_and_refits_on_train_val():
+    x, y = data(160, c=2, e=30, sep=0.4, seed=2)
+    tr, va, te = slice(0, 60), slice(60, 110), slice(110, 160)
+    cs = [1e-3, 1e-1, 10.0]
+    res = linear_probe(x[tr], y[tr], x[va], y[va], x[te], 2, cs=cs)
+    ref_scores = {}
+    for c in cs:
+        pipe = make_pipeline(
+            StandardScaler(), LogisticRegression(C=c, max_iter=2000, class_weight="balanced")
+        )
+        ref_scores[c] = roc_auc_score(y[va], pipe.fit(x[tr], y[tr]).predict_proba(x[va])[:, 1])
+    for c in cs:
+        assert res.val_scores[c] == pytest.approx(ref_scores[c])
+    best = max(cs, key=lambda c: (ref_scores[c], -c))
+    assert res.best_c == best
+    pipe = make_pipeline(
+        StandardScaler(), LogisticRegression(C=best, max_iter=2000, class_weight="balanced")
+    )
+    ref = pipe.fit(x[:110], y[:110]).predict_proba(x[te])
+    np.testing.assert_allclose(res.proba, ref, atol=1e-6)
+
+
+def test_linear_probe_class_missing_from_training_gets_a_zero_column():
+    x, y = data(60, c=3, seed=3)
+    y[:40] = np.where(y[:40] == 2, 0, y[:40])
+    res = linear_probe(x[:30], y[:30], x[30:40], y[30:40], x[40:], 3, cs=[1.0])
+    assert res.proba.shape == (20, 3) and np.all(res.proba[:, 2] == 0)
+
+
+def test_prototype_probe_matches_naive_loop():
+    x, y = data(40, c=3, seed=4)
+    xt, yt, xq = x[:30], y[:30], x[30:]
+    p = prototype_probe(xt, yt, xq, 3, temperature=0.1)
+    mu = xt.mean(0)
+    for i, q in enumerate(xq):
+        qn = (q - mu) / np.linalg.norm(q - mu)
+        sims = []
+        for c in range(3):
+            shots = [(s - mu) / np.linalg.norm(s - mu) for s in xt[yt == c]]
+            proto = np.mean(shots, 0)
+            sims.append(qn @ proto / np.linalg.norm(proto) / 0.1)
+        e = np.exp(np.array(sims) - max(sims))
+        np.testing.assert_allclose(p[i], e / e.sum(), rtol=1e-9)
+
+
+def test_few_shot_rows_draws_and_learning_curve():
+    x, y = data(300, c=2, e=16, sep=0.6, seed=5)
+    df = few_shot(x[:200], y[:200], x[200:], y[200:], 2, shots=(1, 4, 16, 500), n_draws=20, seed=0)
+    assert sorted(df["k"].unique()) == [1, 4, 16]  # 500 > smallest class: skipped
+    assert (df.groupby("k").size() == 20).all()
+    curve = df.groupby("k")["auroc"].mean()
+    assert curve[16] > curve[1]
+    assert df[df.k == 1]["auroc"].std() > 0  # draws differ
+
+
+def test_mean_sd_against_numpy():
+    df = pd.DataFrame(
+        {
+            "probe": ["a"] * 3 + ["b"],
+            "auroc": [0.5, 0.7, 0.9, 0.6],
+            "balanced_accuracy": [0.1, 0.2, 0.3, 0.4],
+        }
+    )
+    out = mean_sd(df, ["probe"], metrics=["auroc", "balanced_accuracy"]).set_index("probe")
+    assert out.loc["a", "auroc_mean"] == pytest.approx(0.7)
+    assert out.loc["a", "auroc_sd"] == pytest.approx(np.std([0.5, 0.7, 0.9], ddof=1))
+    assert out.loc["b", "auroc_sd"] == 0.0 and out.loc["a", "n"] == 3
