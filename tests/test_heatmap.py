@@ -1,0 +1,97 @@
+"""Heatmaps: GeoJSON polygons are the tiles' level-0 boxes; the PNG blend is exact."""
+
+from __future__ import annotations
+
+import json
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from scipy.stats import rankdata
+
+from slidefm.eval.heatmap import (
+    normalize_scores,
+    render_heatmap,
+    slide_thumbnail,
+    tile_scores,
+    tiles_geojson,
+    write_geojson,
+)
+from slidefm.models.mil import ABMIL
+
+
+def test_geojson_polygons_are_level0_tile_boxes(tmp_path):
+    rng = np.random.default_rng(0)
+    s = 448
+    coords = np.stack(
+        [rng.integers(0, 50, 30) * s + 17, rng.integers(0, 40, 30) * s + 5], 1
+    ).astype(np.int64)
+    scores = rng.random(30)
+    path = write_geojson(tiles_geojson(coords, s, scores, name="attention"), tmp_path / "t.geojson")
+    fc = json.loads(path.read_text())
+    assert fc["type"] == "FeatureCollection" and len(fc["features"]) == 30
+    for i, feat in enumerate(fc["features"]):
+        x, y = (int(v) for v in coords[i])
+        box = [[x, y], [x + s, y], [x + s, y + s], [x, y + s], [x, y]]
+        assert feat["geometry"] == {"type": "Polygon", "coordinates": [box]}
+        props = feat["properties"]
+        assert props["tile_index"] == i
+        assert props["score"] == pytest.approx(scores[i])
+        assert props["measurements"]["attention"] == pytest.approx(scores[i])
+        assert props["objectType"] == "detection"
+        assert len(props["classification"]["color"]) == 3
+
+
+def test_normalize_scores_rank_and_minmax():
+    s = np.array([0.3, 5.0, -1.0, 0.31, 2.0])
+    np.testing.assert_allclose(normalize_scores(s, "rank"), (rankdata(s) - 1) / 4)
+    np.testing.assert_allclose(normalize_scores(s, "minmax"), (s + 1) / 6)
+    with pytest.raises(ValueError):
+        normalize_scores(s, "zscore")
+
+
+def test_render_blends_colour_over_tiles_only():
+    thumb = np.full((40, 60, 3), 255, np.uint8)
+    scale, s = 10.0, 100  # tile = 10×10 thumbnail px
+    coords = np.array([[0, 0], [200, 100], [500, 300]])
+    vals = np.array([0.0, 1.0, 0.5])
+    img = np.asarray(render_heatmap(thumb, scale, coords, s, vals, alpha=0.4, cmap="viridis"))
+    cm = matplotlib.colormaps["viridis"]
+    for (x, y), v in zip(coords, vals):
+        want = np.rint(0.6 * 255 + 0.4 * 255 * np.array(cm(v)[:3]))
+        cx, cy = int(x / scale) + 5, int(y / scale) + 5
+        np.testing.assert_array_equal(img[cy, cx], want)
+    assert (img[35, 5] == 255).all()  # no tile there: thumbnail unchanged
+    assert (img[5, 15] == 255).all()
+
+
+def test_tile_scores_attention_and_grad_x_input():
+    torch.manual_seed(0)
+    feats, grid = torch.randn(7, 8), torch.zeros(7, 2, dtype=torch.long)
+    ab = ABMIL(8, 2, hidden=6, attn_dim=4)
+    sc, kind, _ = tile_scores(ab, feats, grid)
+    ab.eval()
+    with torch.no_grad():
+        ref = ab(feats[None], grid[None])["attention"][0].numpy()
+    assert kind == "attention"
+    np.testing.assert_allclose(sc, ref, rtol=1e-6)
+
+    class LinearMean(torch.nn.Module):  # logits = mean_n(x_n) W: contribution of n = x_n·W_c / N
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.randn(8, 3))
+
+        def forward(self, x, grid, pad):
+            return {"logits": x.mean(1) @ self.w}
+
+    lm = LinearMean()
+    sc, kind, cls = tile_scores(lm, feats, grid, target=2)
+    assert kind == "grad_x_input" and cls == 2
+    np.testing.assert_allclose(sc, (feats @ lm.w[:, 2] / 7).detach().numpy(), rtol=1e-5, atol=1e-7)
+
+
+def test_slide_thumbnail_of_real_slide(sample_slide):
+    thumb, scale = slide_thumbnail(sample_slide, max_size=512)
+    assert thumb.dtype == np.uint8 and max(thumb.shape[:2]) == 512
+    assert scale == pytest.approx(2967 / 512, rel=1e-3)  # CMU-1-Small-Region is 2220×2967
