@@ -336,8 +336,9 @@ def _write_reports(out_dir: Path, results: list[SlideResult], cfg: EncodeConfig,
         tmp.write_text(json.dumps(summary, indent=2))
 
 
-def print_summary(results: list[SlideResult], file=sys.stdout) -> None:
+def print_summary(results: list[SlideResult], file=None) -> None:
     """A small table: counts, tiles, time, then one line per failed slide."""
+    file = file or sys.stdout
     done = [r for r in results if r.status == "done"]
     secs = sum(r.seconds for r in done)
     tiles = sum(r.tiles for r in done)
