@@ -147,25 +147,14 @@ def predictions_from_scores(y_score: np.ndarray, threshold: float = 0.5) -> np.n
     return y_score.argmax(axis=1).astype(np.int64)
 
 
-def classification_report(
-    y_true: np.ndarray,
-    y_prob: np.ndarray,
-    *,
-    multilabel: bool = False,
-    groups: np.ndarray | None = None,
-    n_boot: int = 1000,
-    alpha: float = 0.05,
-    seed: int = 0,
-) -> dict[str, dict[str, float]]:
-    """All headline metrics with bootstrap CIs: ``{name: {"value", "lo", "hi"}}``.
+def metric_functions(num_classes: int, multilabel: bool = False) -> dict[str, MetricFn]:
+    """Headline metrics of a task as ``fn(y_true, y_prob) -> float``.
 
-    y_true: (N,) int classes, or (N, C) {0,1} multi-label; y_prob: (N, C) probabilities
-    (softmax for single-label, per-label sigmoid for multi-label). Binary tasks report binary
-    F1; multi-class report macro AUROC, macro and weighted F1.
+    y_prob: (N, C) probabilities (softmax for single-label, per-label sigmoid for multi-label;
+    multi-label predictions threshold at 0.5). Binary tasks report AUROC and binary F1;
+    multi-class tasks macro AUROC, macro and weighted F1.
     """
-    y_true = np.asarray(y_true)
-    y_prob = np.asarray(y_prob, dtype=np.float64)
-    fns: dict[str, Callable[[np.ndarray, np.ndarray], float]] = {}
+    fns: dict[str, MetricFn] = {}
     if multilabel:
         fns["auroc_macro"] = auroc
         fns["f1_macro"] = lambda t, p: float(
@@ -176,18 +165,38 @@ def classification_report(
                 [balanced_accuracy(t[:, c], (p[:, c] > 0.5).astype(int)) for c in range(t.shape[1])]
             )
         )
+        return fns
+    c = num_classes
+    fns["auroc" if c == 2 else "auroc_macro"] = lambda t, p: auroc(t, p, num_classes=c)
+    fns["balanced_accuracy"] = lambda t, p: balanced_accuracy(t, p.argmax(1))
+    fns["accuracy"] = lambda t, p: accuracy(t, p.argmax(1))
+    if c == 2:
+        fns["f1"] = lambda t, p: f1(t, p.argmax(1), "binary")
     else:
-        c = y_prob.shape[1]
-        fns["auroc" if c == 2 else "auroc_macro"] = lambda t, p: auroc(t, p, num_classes=c)
-        fns["balanced_accuracy"] = lambda t, p: balanced_accuracy(t, p.argmax(1))
-        fns["accuracy"] = lambda t, p: accuracy(t, p.argmax(1))
-        if c == 2:
-            fns["f1"] = lambda t, p: f1(t, p.argmax(1), "binary")
-        else:
-            fns["f1_macro"] = lambda t, p: f1(t, p.argmax(1), "macro")
-            fns["f1_weighted"] = lambda t, p: f1(t, p.argmax(1), "weighted")
+        fns["f1_macro"] = lambda t, p: f1(t, p.argmax(1), "macro")
+        fns["f1_weighted"] = lambda t, p: f1(t, p.argmax(1), "weighted")
+    return fns
+
+
+def classification_report(
+    y_true: np.ndarray,
+    y_prob: np.ndarray,
+    *,
+    multilabel: bool = False,
+    groups: np.ndarray | None = None,
+    n_boot: int = 1000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """All ``metric_functions`` with bootstrap CIs: ``{name: {"value", "lo", "hi"}}``.
+
+    y_true: (N,) int classes, or (N, C) {0,1} multi-label; y_prob: (N, C) probabilities;
+    ``groups`` (N,) e.g. patient ids, resampled whole.
+    """
+    y_true = np.asarray(y_true)
+    y_prob = np.asarray(y_prob, dtype=np.float64)
     out = {}
-    for i, (name, fn) in enumerate(fns.items()):
+    for i, (name, fn) in enumerate(metric_functions(y_prob.shape[1], multilabel).items()):
         v, lo, hi = bootstrap_ci(
             fn, y_true, y_prob, n_boot=n_boot, alpha=alpha, seed=seed + i, groups=groups
         )
