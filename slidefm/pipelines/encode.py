@@ -35,6 +35,7 @@ from slidefm.wsi.tiling import EmptyTissueError, make_tile_grid
 from slidefm.wsi.tissue import TissueConfig, tissue_mask
 
 log = logging.getLogger(__name__)
+QC_MIN_SIZE = 1024  # px, longer side of the QC image
 
 # Fields that change the numbers in an output file (and so its config hash).
 OUTPUT_FIELDS = (
@@ -185,6 +186,10 @@ def encode_slide(
         )
         level = reader.best_level_for_mpp(cfg.target_mpp)
         ds = info.level_downsamples[level]
+        if cfg.qc and max(thumb.shape[:2]) < QC_MIN_SIZE:  # small slides: a legible QC image
+            qc_thumb, qc_scale = reader.thumbnail(QC_MIN_SIZE)
+        else:
+            qc_thumb, qc_scale = thumb, scale
     transform = macenko_normalize if cfg.stain_norm == "macenko" else None
     dataset = TileRegionDataset(
         job.path, tiles, level, ds, cfg.region_tiles, mpp_override, transform
@@ -233,7 +238,7 @@ def encode_slide(
     )
     write_features(out_dir / f"{job.slide_id}.h5", sf)
     if cfg.qc:
-        save_qc(out_dir / "qc" / f"{job.slide_id}.png", thumb, mask, scale, tiles)
+        save_qc(out_dir / "qc" / f"{job.slide_id}.png", qc_thumb, mask, qc_scale, tiles)
     return len(tiles)
 
 

@@ -16,9 +16,11 @@ from slidefm.wsi.tiling import TileGrid
 def render_qc(thumb: np.ndarray, mask: np.ndarray, scale: float, tiles: TileGrid) -> Image.Image:
     """RGB image: thumbnail (h, w, 3), mask edge in green, tile boxes in blue.
 
-    scale: level-0 px per thumbnail px.
+    scale: level-0 px per thumbnail px; ``mask`` (any size) is stretched over the thumbnail.
     """
     img = Image.fromarray(thumb).convert("RGB")
+    if mask.shape != thumb.shape[:2]:
+        mask = np.asarray(Image.fromarray(mask).resize(img.size, Image.Resampling.NEAREST))
     edge = mask & ~ndimage.binary_erosion(mask, iterations=max(1, round(min(mask.shape) / 400)))
     arr = np.asarray(img).copy()
     arr[edge] = (0, 200, 0)
