@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 from PIL import Image
+from sklearn import metrics as skm
 
 from slidefm.eval.metrics import (
     accuracy,
@@ -140,3 +143,49 @@ def test_pngs_are_written(tmp_path):
     for p in (p1, p2, p3):
         with Image.open(p) as im:
             assert im.format == "PNG" and im.size[0] > 100
+
+
+@pytest.mark.parametrize("seed", [10, 11, 12, 13])
+def test_metrics_equal_scikit_learn_on_random_data(seed):
+    rng = np.random.default_rng(seed)
+    n, c = int(rng.integers(20, 200)), int(rng.integers(3, 6))
+    y = rng.integers(0, c, n)
+    prob = rng.dirichlet(np.ones(c), n)
+    pred = rng.integers(0, c + 1, n)  # may predict a class absent from y_true
+    assert auroc(y, prob) == pytest.approx(
+        skm.roc_auc_score(y, prob, multi_class="ovr", average="macro")
+    )
+    assert accuracy(y, pred) == pytest.approx(skm.accuracy_score(y, pred))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sklearn warns about predicted classes absent from y
+        ref_bacc = skm.balanced_accuracy_score(y, pred)
+    assert balanced_accuracy(y, pred) == pytest.approx(ref_bacc)
+    for avg in ("macro", "weighted"):
+        assert f1(y, pred, avg) == pytest.approx(
+            skm.f1_score(y, pred, average=avg, zero_division=0)
+        )
+    yb, sb = (y == 0).astype(int), np.round(prob[:, 0], 2)
+    assert auroc(yb, sb) == pytest.approx(skm.roc_auc_score(yb, sb))
+    pb = (pred == 0).astype(int)
+    assert f1(yb, pb) == pytest.approx(skm.f1_score(yb, pb, zero_division=0))
+    yl = rng.integers(0, 2, (n, 3))
+    pl = rng.random((n, 3))
+    assert auroc(yl, pl) == pytest.approx(skm.roc_auc_score(yl, pl, average="macro"))
+    assert accuracy(yl, (pl > 0.5).astype(int)) == pytest.approx(
+        skm.accuracy_score(yl, (pl > 0.5).astype(int))
+    )
+
+
+def test_grouped_bootstrap_draws_whole_groups():
+    sizes = np.array([1, 2, 3, 5])
+    groups = np.repeat(np.array(["a", "b", "c", "d"]), sizes)
+    rng = np.random.default_rng(0)
+    groups = groups[rng.permutation(len(groups))]  # rows of a group need not be adjacent
+    lut = dict(zip("abcd", sizes))
+
+    def whole_groups(t, s):
+        names, counts = np.unique(s, return_counts=True)
+        return float(all(cnt % lut[g] == 0 for g, cnt in zip(names, counts)))
+
+    _, lo, hi = bootstrap_ci(whole_groups, groups, groups, n_boot=300, groups=groups)
+    assert lo == hi == 1.0
