@@ -84,7 +84,7 @@ def test_shards_partition_the_cohort(sample_slide, tmp_path):
 def test_kill_and_resume(sample_slide, tmp_path, sig):
     cohort, out = tmp_path / "in", tmp_path / "out"
     cohort.mkdir()
-    n = 4
+    n = 12
     for i in range(n):
         os.symlink(sample_slide, cohort / f"s{i}.svs")
     cmd = [sys.executable, "-m", "slidefm.cli", "encode-slides", str(cohort), "--out", str(out), *FAST]
@@ -92,7 +92,6 @@ def test_kill_and_resume(sample_slide, tmp_path, sig):
     deadline = time.time() + 120
     while time.time() < deadline and not any(out.glob("s*.h5")):
         time.sleep(0.05)
-    time.sleep(0.3)
     proc.send_signal(sig)
     rc = proc.wait(timeout=60)
     assert rc != 0
