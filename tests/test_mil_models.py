@@ -198,3 +198,26 @@ def test_models_learn_a_witness_bag_task(name):
     with torch.no_grad():
         acc = (model(feats, grid, pad)["logits"].argmax(1) == y).float().mean().item()
     assert acc >= 0.9
+
+
+def test_checkpoint_round_trip(tmp_path):
+    from slidefm.models.mil import load_mil_checkpoint, save_mil_checkpoint
+
+    torch.manual_seed(5)
+    m = build_mil_model("abmil", D, 3, hidden=20).eval()
+    meta = {
+        "model": "abmil",
+        "in_dim": D,
+        "num_classes": 3,
+        "model_kwargs": {"hidden": 20},
+        "task": {"labels": ["x"]},
+    }
+    p = save_mil_checkpoint(tmp_path / "m.pt", m, meta)
+    back, meta2 = load_mil_checkpoint(p)
+    f, g = bag(11, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(back(f[None], g[None])["logits"], m(f[None], g[None])["logits"])
+    assert meta2["task"] == {"labels": ["x"]} and not back.training
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a slidefm MIL checkpoint"):
+        load_mil_checkpoint(tmp_path / "other.pt")

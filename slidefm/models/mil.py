@@ -13,6 +13,7 @@ multi-label uses one sigmoid per logit (see ``mil_loss``).
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -365,3 +366,55 @@ def probabilities(logits: torch.Tensor, multilabel: bool = False) -> torch.Tenso
 
 def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+CHECKPOINT_FORMAT = "slidefm.mil"
+
+
+def save_mil_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
+    """Write a self-describing MIL checkpoint: ``meta`` must hold ``model`` (name), ``in_dim``,
+    ``num_classes``, ``model_kwargs`` and, for ``slide_encoder``, ``slide_encoder`` (the config
+    name or checkpoint it was built from). Written atomically."""
+    from slidefm.io.atomic import atomic_path
+
+    missing = [k for k in ("model", "in_dim", "num_classes", "model_kwargs") if k not in meta]
+    if missing:
+        raise ValueError(f"MIL checkpoint meta lacks {missing}")
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        torch.save(
+            {"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": model.state_dict()}, tmp
+        )
+    return path
+
+
+def build_slide_encoder(spec: str) -> tuple[nn.Module, str]:
+    """A slide encoder from a checkpoint file or a config name → (encoder, weights), where
+    ``weights`` is the checkpoint path or ``"random"`` (config only: random initialisation)."""
+    from slidefm.models.slide_encoder import SlideEncoder
+
+    if Path(spec).is_file() and Path(spec).suffix in (".pt", ".pth", ".ckpt", ".safetensors"):
+        return SlideEncoder.from_checkpoint(spec), str(Path(spec).resolve())
+    return SlideEncoder.from_config(spec), "random"
+
+
+def load_mil_checkpoint(
+    path: str | Path, map_location: str | torch.device = "cpu"
+) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild the model saved by ``save_mil_checkpoint`` → (model in eval mode, meta)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"MIL checkpoint {path} not found")
+    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a slidefm MIL checkpoint (written by `slidefm mil train`)")
+    meta = ckpt["meta"]
+    encoder = None
+    if meta["model"] == "slide_encoder":
+        # The architecture comes from the config; all weights (encoder included) from state_dict.
+        encoder, _ = build_slide_encoder(meta["slide_encoder"]["spec"])
+    model = build_mil_model(
+        meta["model"], meta["in_dim"], meta["num_classes"], encoder=encoder, **meta["model_kwargs"]
+    )
+    model.load_state_dict(ckpt["state_dict"])
+    return model.eval(), meta
