@@ -8,6 +8,7 @@ import matplotlib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.stats import rankdata
 
 from slidefm.eval.heatmap import (
@@ -95,3 +96,88 @@ def test_slide_thumbnail_of_real_slide(sample_slide):
     thumb, scale = slide_thumbnail(sample_slide, max_size=512)
     assert thumb.dtype == np.uint8 and max(thumb.shape[:2]) == 512
     assert scale == pytest.approx(2967 / 512, rel=1e-3)  # CMU-1-Small-Region is 2220×2967
+
+
+def test_heatmap_cli_on_real_slide(tmp_path, sample_slide):
+    from slidefm.cli import main
+    from slidefm.io.features import SlideFeatures, grid_from_coords, write_features
+    from slidefm.models.mil import build_mil_model, save_mil_checkpoint
+
+    s = 256
+    xs, ys = np.meshgrid(np.arange(0, 2220 - s, s), np.arange(0, 2967 - s, s))
+    coords = np.stack([xs.ravel(), ys.ravel()], 1).astype(np.int64)
+    n = len(coords)
+    rng = np.random.default_rng(0)
+    attrs = {
+        "encoder": "test",
+        "encoder_weights": "random",
+        "target_mpp": 0.5,
+        "patch_size": 256,
+        "patch_size_level0": s,
+        "config_hash": "x",
+        "seed": 0,
+    }
+    sf = SlideFeatures(
+        "cmu",
+        rng.normal(size=(n, 8)).astype(np.float32),
+        coords,
+        grid_from_coords(coords, s),
+        np.ones(n, np.float32),
+        attrs,
+    )
+    feat_path = write_features(tmp_path / "cmu.h5", sf)
+    torch.manual_seed(0)
+    model = build_mil_model("abmil", 8, 2, hidden=16)
+    meta = {
+        "model": "abmil",
+        "in_dim": 8,
+        "num_classes": 2,
+        "model_kwargs": {"hidden": 16},
+        "task": {"labels": ["m"], "classes": ["0", "1"], "multilabel": False},
+    }
+    ckpt = save_mil_checkpoint(tmp_path / "model.pt", model, meta)
+    out = tmp_path / "hm"
+    rc = main(
+        [
+            "heatmap",
+            "--slide",
+            str(sample_slide),
+            "--features",
+            str(feat_path),
+            "--checkpoint",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--max-size",
+            "400",
+        ]
+    )
+    assert rc == 0
+    fc = json.loads((out / "cmu_tiles.geojson").read_text())
+    assert len(fc["features"]) == n
+    x, y = (int(v) for v in coords[5])
+    assert fc["features"][5]["geometry"]["coordinates"][0][2] == [x + s, y + s]
+    model.eval()
+    with torch.no_grad():
+        att = model(
+            torch.from_numpy(sf.features)[None], torch.from_numpy(sf.grid.astype(np.int64))[None]
+        )["attention"][0].numpy()
+    np.testing.assert_allclose([f["properties"]["score"] for f in fc["features"]], att, rtol=1e-5)
+    with Image.open(out / "cmu_heatmap.png") as im:
+        assert max(im.size) == 400
+    assert (
+        main(
+            [
+                "heatmap",
+                "--features",
+                str(feat_path),
+                "--checkpoint",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--target",
+                "2",
+            ]
+        )
+        == 2
+    )

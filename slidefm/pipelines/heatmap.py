@@ -1,0 +1,151 @@
+"""``slidefm heatmap``: where a trained MIL model looks on one slide.
+
+Per-tile scores (ABMIL attention, or gradient × input for models without attention) →
+``<slide_id>_heatmap.png`` over the thumbnail, ``<slide_id>_tiles.geojson`` for QuPath
+(File › Import objects; tiles are detections coloured by score, with the score as a
+measurement), ``<slide_id>_scores.csv`` and ``<slide_id>_heatmap.json`` (provenance).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+
+from slidefm.eval.heatmap import (
+    normalize_scores,
+    render_heatmap,
+    slide_thumbnail,
+    tile_scores,
+    tiles_geojson,
+    write_geojson,
+    write_png,
+)
+from slidefm.eval.report import write_csv, write_json
+from slidefm.io.features import read_features
+from slidefm.models.mil import load_mil_checkpoint
+from slidefm.runtime import pick_device, seed_everything
+
+
+def run(args: argparse.Namespace) -> int:
+    seed_everything(args.seed)
+    sf = read_features(args.features)
+    model, meta = load_mil_checkpoint(args.checkpoint)
+    if sf.features.shape[1] != meta["in_dim"]:
+        raise ValueError(
+            f"{args.features} holds {sf.features.shape[1]}-d features but the model expects {meta['in_dim']}-d; use features from the tile encoder it was trained on"
+        )
+    classes = list(meta["task"]["classes"])
+    target = None
+    if args.target is not None:
+        if args.target not in classes:
+            raise ValueError(
+                f"--target {args.target!r} is not a class of this model; classes: {classes}"
+            )
+        target = classes.index(args.target)
+    device = pick_device(args.device)
+    model = model.to(device)
+    scores, kind, cls = tile_scores(
+        model,
+        torch.from_numpy(sf.features).to(device),
+        torch.from_numpy(sf.grid.astype(np.int64)).to(device),
+        target,
+    )
+    with torch.no_grad():
+        logits = model(
+            torch.from_numpy(sf.features)[None].to(device),
+            torch.from_numpy(sf.grid.astype(np.int64))[None].to(device),
+        )["logits"][0]
+    prob = (
+        (torch.sigmoid(logits) if meta["task"]["multilabel"] else torch.softmax(logits, -1))
+        .cpu()
+        .numpy()
+    )
+    disp = normalize_scores(scores, args.normalize)
+    s = float(sf.attrs["patch_size_level0"])
+    out = Path(args.out)
+    sid = sf.slide_id
+    name = f"{kind} ({classes[cls]})" if kind != "attention" else "attention"
+    fc = tiles_geojson(
+        sf.coords,
+        s,
+        scores,
+        disp,
+        name=name,
+        extra={
+            "slide_id": sid,
+            "checkpoint": str(args.checkpoint),
+            "score": kind,
+            "class": classes[cls],
+        },
+    )
+    paths = {"geojson": write_geojson(fc, out / f"{sid}_tiles.geojson")}
+    scores_df = pd.DataFrame(
+        {
+            "tile_index": np.arange(len(scores)),
+            "x": sf.coords[:, 0],
+            "y": sf.coords[:, 1],
+            "col": sf.grid[:, 0],
+            "row": sf.grid[:, 1],
+            "score": scores,
+            "score_display": disp,
+        }
+    )
+    paths["scores"] = write_csv(scores_df, out / f"{sid}_scores.csv")
+    if args.slide:
+        thumb, scale = slide_thumbnail(args.slide, args.max_size)
+        paths["thumbnail"] = write_png(Image.fromarray(thumb), out / f"{sid}_thumbnail.png")
+        paths["heatmap"] = write_png(
+            render_heatmap(thumb, scale, sf.coords, s, disp, alpha=args.alpha, cmap=args.cmap),
+            out / f"{sid}_heatmap.png",
+        )
+    info = {
+        "slide_id": sid,
+        "slide": args.slide,
+        "features": str(args.features),
+        "checkpoint": str(args.checkpoint),
+        "score": kind,
+        "class": classes[cls],
+        "probabilities": dict(zip(classes, map(float, prob))),
+        "normalize": args.normalize,
+        "patch_size_level0": s,
+        "num_tiles": int(len(scores)),
+        "seed": args.seed,
+        "files": {k: str(v) for k, v in paths.items()},
+    }
+    write_json(info, out / f"{sid}_heatmap.json")
+    print(
+        f"{sid}: {kind} for class {classes[cls]!r} (p={prob[cls]:.3f}) over {len(scores)} tiles → {out}"
+    )
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from slidefm.cli import add_common
+
+    p = sub.add_parser(
+        "heatmap", help="per-tile attention/attribution → PNG over the thumbnail + QuPath GeoJSON"
+    )
+    p.add_argument(
+        "--slide", help="the slide file (for the PNG; without it only GeoJSON/CSV are written)"
+    )
+    p.add_argument("--features", required=True, help="the slide's <slide_id>.h5 feature file")
+    p.add_argument("--checkpoint", required=True, help="model.pt written by `slidefm mil train`")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--target", help="class to explain (default: the predicted class)")
+    p.add_argument(
+        "--normalize",
+        choices=["rank", "minmax"],
+        default="rank",
+        help="display scaling (default: percentile rank)",
+    )
+    p.add_argument("--max-size", type=int, default=2048, help="thumbnail longer side in pixels")
+    p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity")
+    p.add_argument("--cmap", default="jet", help="matplotlib colormap")
+    p.add_argument("--device", default="auto")
+    add_common(p)
+    p.set_defaults(func=run)
