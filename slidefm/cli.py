@@ -14,6 +14,7 @@ PIPELINES = [
     "info",
     "encoders_cmd",
     "encode",
+    "mil",
     "heatmap",
 ]
 

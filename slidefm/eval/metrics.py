@@ -292,7 +292,8 @@ def roc_curve_png(
         xlim=(0, 1),
         ylim=(0, 1.01),
     )
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
     return _save_fig(fig, path)
 
 

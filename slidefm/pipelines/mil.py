@@ -1,0 +1,730 @@
+"""``slidefm mil train`` / ``slidefm mil predict``: biomarker prediction from tile-feature bags.
+
+train: manifest + feature folder → patient-grouped, label-stratified K-fold CV over several
+seeds (splits saved to ``splits.csv`` and reused), one model per (seed, fold) trained by the
+project's training loop with early stopping on a validation split carved from the training
+folds; out-of-fold predictions, metrics per fold / seed / overall with patient-bootstrap 95%
+CIs, ROC PNGs, results CSV + JSON. A finished fold is skipped when the run is repeated.
+
+predict: a fold checkpoint (or a run folder: every fold model, probabilities averaged) →
+predictions CSV for a manifest, with metrics when the manifest has the label.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+import slidefm
+from slidefm.config import apply_overrides, config_hash, from_dict, load_yaml, resolve_config_path
+from slidefm.eval.report import (
+    evaluate_predictions,
+    format_summary,
+    write_csv,
+    write_json,
+    write_report,
+)
+from slidefm.eval.splits import load_or_make_splits, load_splits, save_splits, splits_from_manifest
+from slidefm.eval.targets import (
+    Task,
+    aggregate_patients,
+    check_feature_files,
+    encode_targets,
+    make_task,
+    target_frame,
+)
+from slidefm.io.atomic import atomic_path
+from slidefm.io.bags import collate_bags, item_rng, subsample
+from slidefm.io.features import read_features
+from slidefm.io.manifest import ManifestError, read_manifest
+from slidefm.models.mil import (
+    MIL_MODELS,
+    build_mil_model,
+    build_slide_encoder,
+    class_weights,
+    load_mil_checkpoint,
+    mil_loss,
+    probabilities,
+    save_mil_checkpoint,
+)
+from slidefm.runtime import pick_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class MILConfig:
+    model: str = "abmil"
+    model_kwargs: dict = dataclasses.field(default_factory=dict)
+    epochs: int = 30
+    lr: float = 2e-4
+    weight_decay: float = 1e-5
+    batch_size: int = 1
+    eval_batch_size: int = 8
+    max_tiles: int | None = 4096
+    balance: str = "weights"
+    val_fraction: float = 0.2
+    val_metric: str = "loss"
+    patience: int = 8
+    n_boot: int = 1000
+    slide_encoder: str | None = None
+    freeze_encoder: bool = True
+    device: str = "auto"
+    precision: str = "auto"
+    num_workers: int = 0
+
+    def validate(self) -> None:
+        if self.model not in MIL_MODELS:
+            raise ValueError(
+                f"Unknown --model {self.model!r}; choose one of {', '.join(MIL_MODELS)}"
+            )
+        if self.balance not in ("weights", "sampler", "none"):
+            raise ValueError(f"balance must be weights, sampler or none, not {self.balance!r}")
+        if self.val_metric not in ("loss", "auroc"):
+            raise ValueError(f"val_metric must be loss or auroc, not {self.val_metric!r}")
+        if self.model == "slide_encoder" and not self.slide_encoder:
+            raise ValueError(
+                "--model slide_encoder needs --slide-encoder CHECKPOINT (or a config name for random init)"
+            )
+
+
+# -- data -----------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Bags:
+    """All bags of a cohort in memory: features[i] (N_i, D) float32, grid[i] (N_i, 2) int64."""
+
+    slide_ids: list[str]
+    features: list[np.ndarray]
+    grid: list[np.ndarray]
+    attrs: dict[str, Any]
+
+    @property
+    def dim(self) -> int:
+        return int(self.features[0].shape[1])
+
+
+def load_bags(paths: list[Path], progress: bool = True) -> Bags:
+    """Read feature files; all must come from the same tile encoder (same width and name)."""
+    feats, grids, ids, first = [], [], [], None
+    for p in tqdm(paths, desc="reading features", unit="slide", disable=not progress):
+        sf = read_features(p)
+        if sf.num_tiles == 0:
+            raise ManifestError(f"{p}: no tiles; drop the slide from the manifest or re-encode it")
+        key = (sf.features.shape[1], sf.attrs.get("encoder"))
+        if first is None:
+            first = (key, sf.attrs)
+        elif key != first[0]:
+            raise ManifestError(
+                f"{p}: features from encoder {key[1]} ({key[0]}-d) but {paths[0]} has {first[0][1]} ({first[0][0]}-d); encode the cohort with one encoder"
+            )
+        feats.append(sf.features.astype(np.float32, copy=False))
+        grids.append(sf.grid.astype(np.int64))
+        ids.append(p.stem)
+    attrs = first[1] if first else {}
+    return Bags(
+        ids,
+        feats,
+        grids,
+        {k: attrs.get(k) for k in ("encoder", "encoder_weights", "target_mpp", "patch_size")},
+    )
+
+
+class BagDataset(torch.utils.data.Dataset):
+    """Items of in-memory ``Bags`` with targets, in ``FeatureBagDataset``'s item format.
+
+    ``max_tiles`` draws a random tile subset per (seed, epoch, item) — training augmentation
+    and a memory cap; evaluation passes None and sees every tile.
+    """
+
+    def __init__(
+        self,
+        bags: Bags,
+        index: np.ndarray,
+        y: np.ndarray,
+        max_tiles: int | None = None,
+        seed: int = 0,
+    ):
+        self.bags, self.index, self.y, self.max_tiles, self.seed = (
+            bags,
+            np.asarray(index),
+            np.asarray(y),
+            max_tiles,
+            seed,
+        )
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = int(self.index[i])
+        f, g = self.bags.features[j], self.bags.grid[j]
+        keep = subsample(len(f), self.max_tiles, item_rng(self.seed, self.epoch, i))
+        if len(keep) < len(f):
+            f, g = f[keep], g[keep]
+        return {
+            "features": torch.from_numpy(f),
+            "grid": torch.from_numpy(g),
+            "slide_id": self.bags.slide_ids[j],
+            "label": self.y[j].tolist(),
+        }
+
+
+# -- training -------------------------------------------------------------------------------
+def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {
+        k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
+    }
+
+
+@torch.no_grad()
+def predict_bags(
+    model: torch.nn.Module,
+    dataset: BagDataset,
+    batch_size: int,
+    device: torch.device,
+    multilabel: bool,
+) -> np.ndarray:
+    """(len(dataset), C) probabilities, every tile of every bag used."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_bags
+    )
+    out = []
+    for batch in loader:
+        b = _to(batch, device)
+        out.append(
+            probabilities(
+                model(b["features"], b["grid"], b["padding_mask"])["logits"], multilabel
+            ).cpu()
+        )
+    return torch.cat(out).numpy().astype(np.float64)
+
+
+def _val_score(
+    model, val_set, y_val, cfg: MILConfig, device, task: Task, weight
+) -> tuple[float, dict[str, float]]:
+    """Validation (score to maximise, metrics): −loss or AUROC."""
+    from slidefm.eval.metrics import auroc
+
+    prob = predict_bags(model, val_set, cfg.eval_batch_size, device, task.multilabel)
+    p = torch.from_numpy(prob)
+    t = torch.as_tensor(y_val)
+    if task.multilabel:
+        loss = mil_loss(
+            torch.logit(p.clamp(1e-7, 1 - 1e-7)), t, True, None if weight is None else weight.cpu()
+        ).item()
+    else:
+        loss = torch.nn.functional.nll_loss(torch.log(p.clamp_min(1e-12)), t.long()).item()
+    auc = auroc(y_val, prob, num_classes=task.num_classes)
+    metrics = {"val_loss": loss, "val_auroc": auc}
+    return (-loss if cfg.val_metric == "loss" else (auc if np.isfinite(auc) else -np.inf)), metrics
+
+
+class _EarlyStop(Exception):
+    """Raised by the validation hook to end a fold: the loop has no stopping hook of its own."""
+
+
+CKPT_EPOCHS = 5  # Trainer checkpoint (and loss-curve PNG) every this many epochs
+
+
+def _build_model(
+    cfg: MILConfig, in_dim: int, num_classes: int
+) -> tuple[torch.nn.Module, dict, str | None]:
+    encoder, enc_weights = None, None
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.model == "slide_encoder":
+        encoder, enc_weights = build_slide_encoder(cfg.slide_encoder)
+        kwargs["freeze"] = cfg.freeze_encoder
+    return (
+        build_mil_model(cfg.model, in_dim, num_classes, encoder=encoder, **kwargs),
+        kwargs,
+        enc_weights,
+    )
+
+
+def train_fold(
+    bags: Bags,
+    y: np.ndarray,
+    idx: dict[str, np.ndarray],
+    task: Task,
+    cfg: MILConfig,
+    out_dir: Path,
+    seed: int,
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Train on ``idx["train"]`` with the project's ``Trainer`` (AdamW, warmup + cosine);
+    after every epoch the validation score (−loss or AUROC on ``idx["val"]``) picks the best
+    epoch, and ``patience`` epochs without improvement stop the fold. The Trainer checkpoints
+    every ``CKPT_EPOCHS`` epochs and the early-stopping state (``best.pt``,
+    ``early_stopping.json``) lives beside it, so an interrupted fold resumes; a fold folder
+    left by a different config is cleared first. Returns the best-epoch model and its meta.
+    """
+    from slidefm.train.data import make_loader
+    from slidefm.train.loop import CKPT_RE, TrainConfig, Trainer, latest_checkpoint
+
+    seed_everything(seed)
+    model, kwargs, enc_weights = _build_model(cfg, bags.dim, task.num_classes)
+    device = pick_device(cfg.device)
+    y_tr = y[idx["train"]]
+    weight = None
+    train_set = BagDataset(bags, idx["train"], y, cfg.max_tiles, seed)
+    if cfg.balance == "sampler":
+        if task.multilabel:
+            raise ValueError("balance=sampler needs a single-label task; use balance=weights")
+        w = class_weights(torch.as_tensor(y_tr), task.num_classes)[torch.as_tensor(y_tr)]
+        g = torch.Generator().manual_seed(seed)
+        sampler = torch.utils.data.WeightedRandomSampler(
+            w.double(), len(y_tr), replacement=True, generator=g
+        )
+        loader = torch.utils.data.DataLoader(
+            train_set,
+            cfg.batch_size,
+            sampler=sampler,
+            collate_fn=collate_bags,
+            num_workers=cfg.num_workers,
+            generator=g,
+        )
+    else:
+        if cfg.balance == "weights":
+            weight = class_weights(torch.as_tensor(y_tr), task.num_classes, task.multilabel).to(
+                device
+            )
+        loader = make_loader(
+            train_set,
+            cfg.batch_size,
+            shuffle=True,
+            seed=seed,
+            num_workers=cfg.num_workers,
+            collate_fn=collate_bags,
+        )
+    val_set = BagDataset(bags, idx["val"], y)
+    steps_per_epoch = len(loader)
+    train_dir = out_dir / "train"
+    marker = train_dir / "config_hash.txt"
+    chash = f"{config_hash(cfg)}-{seed}"
+    if train_dir.exists() and (not marker.is_file() or marker.read_text() != chash):
+        shutil.rmtree(train_dir)
+    train_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(chash)
+    state_path, best_path = train_dir / "early_stopping.json", train_dir / "best.pt"
+    es: dict[str, Any] = {"best_score": None, "best_epoch": -1, "history": []}
+    ckpt = latest_checkpoint(train_dir / "checkpoints")
+    if ckpt is not None and state_path.is_file():
+        # Resume: the loop replays the epochs after its checkpoint bit-exactly, so their
+        # evaluations are dropped and will be recomputed (to the same values).
+        es = json.loads(state_path.read_text())
+        done_step = int(CKPT_RE.match(ckpt.name).group(1))
+        es["history"] = [h for h in es["history"] if h["step"] <= done_step]
+
+    def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        out = m(batch["features"], batch["grid"], batch["padding_mask"])
+        return mil_loss(out["logits"], batch["label"], task.multilabel, weight), {}
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+        score, metrics = _val_score(m, val_set, y[idx["val"]], cfg, device, task, weight)
+        epoch = len(es["history"])
+        es["history"].append(
+            {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "score": score, **metrics}
+        )
+        if es["best_score"] is None or score > es["best_score"]:
+            es.update(best_score=score, best_epoch=epoch, best_metrics=metrics)
+            with atomic_path(best_path) as tmp:
+                torch.save(m.state_dict(), tmp)
+        write_json(es, state_path)
+        if epoch - es["best_epoch"] >= cfg.patience:
+            raise _EarlyStop
+        return metrics
+
+    tcfg = TrainConfig(
+        max_steps=cfg.epochs * steps_per_epoch,
+        lr=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=steps_per_epoch,
+        precision=cfg.precision,
+        ckpt_every=CKPT_EPOCHS * steps_per_epoch,
+        keep_checkpoints=1,
+        log_every=steps_per_epoch,
+        eval_every=steps_per_epoch,
+        out_dir=str(train_dir),
+        seed=seed,
+        device=str(device),
+        progress=False,
+    )
+    trainer = Trainer(model, loss_fn, loader, tcfg, eval_fn=eval_fn)
+    try:
+        trainer.fit()
+    except _EarlyStop:
+        trainer.write_metrics()
+    model = trainer.module
+    if best_path.is_file():
+        model.load_state_dict(torch.load(best_path, map_location=device, weights_only=True))
+    model.eval()
+    meta = {
+        "model": cfg.model,
+        "in_dim": bags.dim,
+        "num_classes": task.num_classes,
+        "model_kwargs": kwargs,
+        "task": task.to_dict(),
+        "best_epoch": es["best_epoch"],
+        "epochs_run": len(es["history"]),
+        "val": es.get("best_metrics", {}),
+        "slide_encoder": {"spec": cfg.slide_encoder, "weights": enc_weights}
+        if cfg.model == "slide_encoder"
+        else None,
+    }
+    return model, meta
+
+
+# -- cross-validation -----------------------------------------------------------------------
+def _stratum(df: pd.DataFrame, task: Task) -> pd.Series:
+    return df[list(task.labels)].astype(str).agg("|".join, axis=1)
+
+
+def build_splits(
+    df: pd.DataFrame,
+    task: Task,
+    args: argparse.Namespace,
+    cfg: MILConfig,
+    seeds: list[int],
+    out: Path,
+) -> pd.DataFrame:
+    """Saved splits (``--splits FILE``), the manifest's split column, or K-fold CV."""
+    sdf = df.assign(_stratum=_stratum(df, task))
+    ids = df["slide_id"].astype(str).tolist()
+    if args.splits:
+        splits = load_splits(args.splits, ids)
+        splits = splits[splits["seed"].isin(seeds)]
+        if splits.empty:
+            raise ValueError(f"{args.splits} has none of seeds {seeds}")
+        save_splits(splits, out / "splits.csv")
+        return splits.reset_index(drop=True)
+    if args.folds == 0:
+        splits = splits_from_manifest(sdf, "_stratum", seeds)
+        save_splits(splits, out / "splits.csv")
+        return splits
+    return load_or_make_splits(
+        out / "splits.csv", sdf, "_stratum", args.folds, seeds, cfg.val_fraction
+    )
+
+
+def run_cv(
+    df: pd.DataFrame,
+    task: Task,
+    bags: Bags,
+    splits: pd.DataFrame,
+    cfg: MILConfig,
+    out: Path,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Train and test every (seed, fold); returns the out-of-fold prediction table."""
+    y = encode_targets(df, task)
+    pos = {s: i for i, s in enumerate(df["slide_id"].astype(str))}
+    bag_pos = {s: i for i, s in enumerate(bags.slide_ids)}
+    if [bag_pos[s] for s in df["slide_id"].astype(str)] != list(range(len(df))):
+        raise RuntimeError("bags are not in manifest order")
+    chash = config_hash(cfg)
+    all_preds = []
+    groups = list(splits.groupby(["seed", "fold"], sort=True))
+    bar = tqdm(groups, desc=f"mil {cfg.model}", unit="fold", disable=not progress)
+    for (seed, fold), part in bar:
+        bar.set_postfix(seed=seed, fold=fold)
+        fold_dir = out / f"seed{seed}" / f"fold{fold}"
+        done, meta_path = fold_dir / "predictions.csv", fold_dir / "meta.json"
+        if (
+            done.is_file()
+            and meta_path.is_file()
+            and json.loads(meta_path.read_text()).get("config_hash") == chash
+        ):
+            log.info("seed %s fold %s: done, skipping", seed, fold)
+            all_preds.append(pd.read_csv(done, dtype={"slide_id": str, "case_id": str}))
+            continue
+        idx = {
+            name: np.array(
+                [pos[s] for s in part.loc[part["split"] == name, "slide_id"]], dtype=np.int64
+            )
+            for name in ("train", "val", "test")
+        }
+        for name in ("train", "val", "test"):
+            if len(idx[name]) == 0:
+                raise ValueError(
+                    f"seed {seed} fold {fold}: empty {name} split; use fewer folds or more patients"
+                )
+        log.debug(
+            "seed %s fold %s: %d train / %d val / %d test slides",
+            seed,
+            fold,
+            *(len(idx[k]) for k in ("train", "val", "test")),
+        )
+        model, meta = train_fold(bags, y, idx, task, cfg, fold_dir, int(seed) * 1000 + int(fold))
+        device = next(model.parameters()).device
+        prob = predict_bags(
+            model, BagDataset(bags, idx["test"], y), cfg.eval_batch_size, device, task.multilabel
+        )
+        test = df.iloc[idx["test"]]
+        preds = pd.concat(
+            [
+                pd.DataFrame(
+                    {
+                        "seed": int(seed),
+                        "fold": int(fold),
+                        "slide_id": test["slide_id"].astype(str).to_numpy(),
+                        "case_id": test["case_id"].astype(str).to_numpy(),
+                    }
+                ),
+                target_frame(y[idx["test"]], task),
+                pd.DataFrame(prob, columns=task.prob_columns),
+            ],
+            axis=1,
+        )
+        meta.update(
+            seed=int(seed),
+            fold=int(fold),
+            config=dataclasses.asdict(cfg),
+            config_hash=chash,
+            features=bags.attrs,
+        )
+        save_mil_checkpoint(fold_dir / "model.pt", model, meta)
+        write_json(meta, fold_dir / "meta.json")
+        write_csv(preds, done)
+        all_preds.append(preds)
+    return pd.concat(all_preds, ignore_index=True)
+
+
+def provenance_notes(bags: Bags, cfg: MILConfig, enc_weights: str | None) -> list[str]:
+    """Warnings that must travel with the numbers (random weights are never pretrained results)."""
+    notes = []
+    if str(bags.attrs.get("encoder_weights", "")).startswith("random"):
+        notes.append(
+            f"tile features come from a RANDOMLY INITIALISED {bags.attrs.get('encoder')} encoder, not pretrained weights"
+        )
+    if cfg.model == "slide_encoder" and enc_weights == "random":
+        notes.append(f"slide encoder {cfg.slide_encoder!r} is RANDOMLY INITIALISED (no checkpoint)")
+    return notes
+
+
+def run_train(args: argparse.Namespace) -> int:
+    cfg = config_from_args(args)
+    cfg.validate()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = parse_seeds(args.seeds)
+    df = read_manifest(args.manifest, required=("slide_id",))
+    task = make_task(df, parse_labels(args.label), parse_list(args.classes))
+    paths = check_feature_files(df, args.features)
+    splits = build_splits(df, task, args, cfg, seeds, out)
+    bags = load_bags(paths, progress=not args.no_progress)
+    enc_weights = (
+        build_slide_encoder(cfg.slide_encoder)[1] if cfg.model == "slide_encoder" else None
+    )
+    preds = run_cv(df, task, bags, splits, cfg, out, progress=not args.no_progress)
+    write_csv(preds, out / "predictions.csv")
+    level = "slide"
+    scored = preds
+    if args.patient_level:
+        scored = aggregate_patients(preds, task)
+        write_csv(scored, out / "patient_predictions.csv")
+        level = "patient"
+    result = evaluate_predictions(scored, task, n_boot=cfg.n_boot, seed=args.seed)
+    notes = provenance_notes(bags, cfg, enc_weights)
+    meta = {
+        "command": "mil train",
+        "model": cfg.model,
+        "task": task.to_dict(),
+        "level": level,
+        "seeds": seeds,
+        "seed": args.seed,
+        "config": dataclasses.asdict(cfg),
+        "config_hash": config_hash(cfg),
+        "features": bags.attrs,
+        "notes": notes,
+        "slidefm_version": slidefm.__version__,
+    }
+    write_report(out, scored, task, result, meta)
+    print(
+        f"{cfg.model} on {'+'.join(task.labels)} ({level} level, {result['n_seeds']} seed(s) × {result['n_folds']} fold(s), {result['n_slides_or_patients']} {level}s):"
+    )
+    print(format_summary(result))
+    for n in notes:
+        print(f"NOTE: {n}")
+    print(f"results: {out / 'results.json'}")
+    return 0
+
+
+# -- predict --------------------------------------------------------------------------------
+def run_predict(args: argparse.Namespace) -> int:
+    ckpt = Path(args.checkpoint)
+    files = sorted(ckpt.glob("seed*/fold*/model.pt")) if ckpt.is_dir() else [ckpt]
+    if not files:
+        raise FileNotFoundError(
+            f"No model.pt under {ckpt}; pass a fold checkpoint or a `mil train` output folder"
+        )
+    models = [load_mil_checkpoint(f) for f in files]
+    task = Task.from_dict(models[0][1]["task"])
+    if any(Task.from_dict(m["task"]) != task for _, m in models):
+        raise ValueError(f"Checkpoints under {ckpt} predict different tasks; pass one checkpoint")
+    df = read_manifest(args.manifest, required=("slide_id",))
+    paths = check_feature_files(df, args.features)
+    bags = load_bags(paths, progress=not args.no_progress)
+    if bags.dim != models[0][1]["in_dim"]:
+        raise ValueError(
+            f"Features are {bags.dim}-d but the model expects {models[0][1]['in_dim']}-d; use features from the encoder it was trained on ({models[0][1].get('features', {}).get('encoder')})"
+        )
+    has_label = all(c in df for c in task.labels)
+    y = encode_targets(df, task) if has_label else np.zeros(len(df), dtype=np.int64)
+    device = pick_device(args.device)
+    ds = BagDataset(bags, np.arange(len(df)), y)
+    prob = np.mean(
+        [predict_bags(m.to(device), ds, 8, device, task.multilabel) for m, _ in models], axis=0
+    )
+    parts = [
+        pd.DataFrame({"slide_id": df["slide_id"].astype(str), "case_id": df["case_id"].astype(str)})
+    ]
+    if has_label:
+        parts.append(target_frame(y, task))
+    parts.append(pd.DataFrame(prob, columns=task.prob_columns))
+    preds = pd.concat(parts, axis=1)
+    if not task.multilabel:
+        preds["pred"] = [task.classes[i] for i in prob.argmax(1)]
+    if args.patient_level:
+        preds = aggregate_patients(
+            preds.assign(seed=0, fold=0).drop(columns=["pred"], errors="ignore"), task
+        ).drop(columns=["seed", "fold"])
+    out = Path(args.out)
+    write_csv(preds, out)
+    print(f"{len(preds)} prediction(s) from {len(models)} model(s) → {out}")
+    if has_label and len(np.unique(y if y.ndim == 1 else y[:, 0])) > 1:
+        res = evaluate_predictions(preds.assign(seed=0, fold=0), task, n_boot=1000, seed=args.seed)
+        write_json(
+            {
+                "command": "mil predict",
+                "checkpoints": [str(f) for f in files],
+                "seed": args.seed,
+                **res,
+            },
+            out.with_suffix(".metrics.json"),
+        )
+        print(format_summary(res))
+    return 0
+
+
+# -- CLI ------------------------------------------------------------------------------------
+FLAG_TO_FIELD = {
+    "model": str,
+    "epochs": int,
+    "lr": float,
+    "batch_size": int,
+    "max_tiles": int,
+    "balance": str,
+    "slide_encoder": str,
+    "device": str,
+}
+
+
+def parse_list(s: str | None) -> list[str] | None:
+    return [x.strip() for x in s.split(",") if x.strip()] if s else None
+
+
+def parse_labels(s: str) -> list[str]:
+    return parse_list(s) or []
+
+
+def parse_seeds(s: str) -> list[int]:
+    try:
+        return [int(x) for x in parse_list(s) or ["0"]]
+    except ValueError as e:
+        raise ValueError(f"--seeds must be comma-separated integers, got {s!r}") from e
+
+
+def config_from_args(args: argparse.Namespace) -> MILConfig:
+    base = load_yaml(resolve_config_path(args.config or "default", "mil"))
+    for name in FLAG_TO_FIELD:
+        val = getattr(args, name, None)
+        if val is not None:
+            base[name] = val
+    if getattr(args, "finetune", False):
+        base["freeze_encoder"] = False
+    return from_dict(MILConfig, apply_overrides(base, args.overrides))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from slidefm.cli import add_common
+
+    p = sub.add_parser(
+        "mil", help="MIL biomarker prediction: cross-validated training and prediction"
+    )
+    msub = p.add_subparsers(dest="mil_command", metavar="{train,predict}")
+    msub.required = True
+
+    t = msub.add_parser(
+        "train", help="K-fold CV (patient-grouped) over seeds → metrics with 95% CIs"
+    )
+    t.add_argument(
+        "--manifest", required=True, help="CSV with slide_id, case_id and the label column(s)"
+    )
+    t.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files")
+    t.add_argument(
+        "--label", required=True, help="label column, or COL1,COL2,… (0/1 each) for multi-label"
+    )
+    t.add_argument("--classes", help="comma-separated class order; other label values are an error")
+    t.add_argument("--model", choices=MIL_MODELS, default=None)
+    t.add_argument(
+        "--folds",
+        type=int,
+        default=5,
+        help="K for cross-validation; 0 = use the manifest's split column",
+    )
+    t.add_argument(
+        "--seeds", default="0", help="comma-separated seeds (splits and initialisation), e.g. 0,1,2"
+    )
+    t.add_argument(
+        "--splits", help="reuse a saved splits.csv (from another run) instead of making one"
+    )
+    t.add_argument(
+        "--patient-level",
+        action="store_true",
+        help="aggregate slide predictions per case_id before scoring",
+    )
+    t.add_argument("--out", required=True, help="output folder")
+    for name, typ in FLAG_TO_FIELD.items():
+        if name != "model":
+            t.add_argument(
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                type=typ,
+                default=None,
+                help=f"config {name}",
+            )
+    t.add_argument(
+        "--finetune", action="store_true", help="slide_encoder: fine-tune the encoder too"
+    )
+    t.add_argument("--no-progress", action="store_true")
+    add_common(t, "mil")
+    t.set_defaults(func=run_train)
+
+    q = msub.add_parser(
+        "predict", help="predict slides with a trained model (or all fold models of a run)"
+    )
+    q.add_argument(
+        "--checkpoint", required=True, help="model.pt of one fold, or a `mil train` output folder"
+    )
+    q.add_argument("--manifest", required=True)
+    q.add_argument("--features", required=True)
+    q.add_argument("--out", required=True, help="predictions CSV")
+    q.add_argument("--patient-level", action="store_true")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--no-progress", action="store_true")
+    add_common(q)
+    q.set_defaults(func=run_predict)

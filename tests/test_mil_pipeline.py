@@ -1,0 +1,340 @@
+"""`slidefm mil train / predict` end to end on a tiny feature cohort written here, and the
+errors a bad manifest must give."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from slidefm.cli import main
+from slidefm.io.features import SlideFeatures, grid_from_coords, write_features
+
+D = 8
+
+
+def make_cohort(root, n_patients: int = 24, seed: int = 0):
+    """Patients with 1–2 slides; positive slides contain a few tiles whose feature 0 is shifted
+    (a bag-level signal any MIL model can learn)."""
+    rng = np.random.default_rng(seed)
+    feat_dir = root / "features"
+    rows = []
+    for p in range(n_patients):
+        label = p % 2
+        for s in range(1 + p % 3 // 2):
+            sid = f"P{p:02d}_S{s}"
+            n = int(rng.integers(12, 30))
+            side = 8
+            cells = rng.choice(side * side, n, replace=False)
+            coords = np.stack([cells % side, cells // side], 1).astype(np.int64) * 512
+            feats = rng.normal(size=(n, D)).astype(np.float32)
+            if label:
+                feats[:4, 0] += 6.0
+            attrs = {
+                "encoder": "toy",
+                "encoder_weights": "random",
+                "target_mpp": 0.5,
+                "patch_size": 256,
+                "patch_size_level0": 512,
+                "config_hash": "t",
+                "seed": 0,
+            }
+            write_features(
+                feat_dir / f"{sid}.h5",
+                SlideFeatures(
+                    sid, feats, coords, grid_from_coords(coords, 512), np.ones(n, np.float32), attrs
+                ),
+            )
+            rows.append(
+                {
+                    "slide_id": sid,
+                    "case_id": f"P{p:02d}",
+                    "marker": ["neg", "pos"][label],
+                    "split": ["train", "train", "val", "test"][(p // 2) % 4],
+                }
+            )
+    manifest = root / "manifest.csv"
+    pd.DataFrame(rows).to_csv(manifest, index=False)
+    return manifest, feat_dir
+
+
+FAST = [
+    "--epochs",
+    "6",
+    "--no-progress",
+    "--set",
+    "n_boot=100",
+    "--set",
+    "patience=3",
+    "--set",
+    "model_kwargs={hidden: 32}",
+    "--lr",
+    "0.003",
+]
+
+
+def test_mil_train_cv_and_predict(tmp_path):
+    manifest, feats = make_cohort(tmp_path)
+    out = tmp_path / "run"
+    rc = main(
+        [
+            "mil",
+            "train",
+            "--manifest",
+            str(manifest),
+            "--features",
+            str(feats),
+            "--label",
+            "marker",
+            "--model",
+            "abmil",
+            "--folds",
+            "3",
+            "--seeds",
+            "0,1",
+            "--out",
+            str(out),
+            *FAST,
+        ]
+    )
+    assert rc == 0
+    df = pd.read_csv(manifest)
+    preds = pd.read_csv(out / "predictions.csv")
+    for _seed, part in preds.groupby("seed"):  # out-of-fold: every slide tested once per seed
+        assert sorted(part["slide_id"]) == sorted(df["slide_id"])
+    splits = pd.read_csv(out / "splits.csv")
+    for _key, part in splits.groupby(["seed", "fold"]):
+        assert (part.groupby("case_id")["split"].nunique() == 1).all()
+    res = json.loads((out / "results.json").read_text())
+    assert res["task"]["classes"] == ["neg", "pos"]
+    auc = res["summary"]["auroc"]
+    assert auc["value"] >= 0.9 and auc["lo"] <= auc["value"] <= auc["hi"]
+    assert any("RANDOMLY INITIALISED" in n for n in res["notes"])
+    assert len(pd.read_csv(out / "fold_metrics.csv")) == 6
+    assert (out / "roc_seed0.png").is_file() and (out / "seed0" / "fold0" / "model.pt").is_file()
+    assert (out / "seed1" / "fold2" / "train" / "metrics.csv").is_file()
+    # a repeated run skips finished folds and gives the same predictions
+    mtime = (out / "seed0" / "fold0" / "model.pt").stat().st_mtime_ns
+    assert (
+        main(
+            [
+                "mil",
+                "train",
+                "--manifest",
+                str(manifest),
+                "--features",
+                str(feats),
+                "--label",
+                "marker",
+                "--model",
+                "abmil",
+                "--folds",
+                "3",
+                "--seeds",
+                "0,1",
+                "--out",
+                str(out),
+                *FAST,
+            ]
+        )
+        == 0
+    )
+    assert (out / "seed0" / "fold0" / "model.pt").stat().st_mtime_ns == mtime
+    pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), preds)
+    # predict with one fold model, then with the whole run (fold ensemble), patient level
+    one = tmp_path / "one.csv"
+    assert (
+        main(
+            [
+                "mil",
+                "predict",
+                "--checkpoint",
+                str(out / "seed0" / "fold0" / "model.pt"),
+                "--manifest",
+                str(manifest),
+                "--features",
+                str(feats),
+                "--out",
+                str(one),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    p1 = pd.read_csv(one)
+    assert len(p1) == len(df) and set(p1["pred"]) <= {"neg", "pos"}
+    np.testing.assert_allclose(p1[["prob_neg", "prob_pos"]].sum(axis=1), 1.0, rtol=1e-6)
+    ens = tmp_path / "ens.csv"
+    assert (
+        main(
+            [
+                "mil",
+                "predict",
+                "--checkpoint",
+                str(out),
+                "--manifest",
+                str(manifest),
+                "--features",
+                str(feats),
+                "--out",
+                str(ens),
+                "--patient-level",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    pe = pd.read_csv(ens)
+    assert len(pe) == df["case_id"].nunique()
+    assert (
+        json.loads(ens.with_suffix(".metrics.json").read_text())["summary"]["auroc"]["value"] > 0.9
+    )
+
+
+@pytest.mark.parametrize("model", ["mean", "max", "transmil"])
+def test_other_models_and_manifest_split(tmp_path, model):
+    manifest, feats = make_cohort(tmp_path, n_patients=16)
+    out = tmp_path / model
+    extra = ["--set", "model_kwargs={dim: 16, heads: 2}"] if model == "transmil" else []
+    rc = main(
+        [
+            "mil",
+            "train",
+            "--manifest",
+            str(manifest),
+            "--features",
+            str(feats),
+            "--label",
+            "marker",
+            "--model",
+            model,
+            "--folds",
+            "0",
+            "--out",
+            str(out),
+            "--patient-level",
+            *FAST[:-4],
+            "--lr",
+            "0.003",
+            *extra,
+        ]
+    )
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    test_cases = pd.read_csv(manifest).query("split == 'test'")["case_id"].nunique()
+    assert res["level"] == "patient" and res["n_slides_or_patients"] == test_cases
+
+
+def write_manifest(path, rows):
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_bad_manifests_give_clear_errors(tmp_path, capsys):
+    manifest, feats = make_cohort(tmp_path, n_patients=8)
+    df = pd.read_csv(manifest)
+    base = [
+        "mil",
+        "train",
+        "--features",
+        str(feats),
+        "--label",
+        "marker",
+        "--folds",
+        "2",
+        "--out",
+        str(tmp_path / "o"),
+        "--no-progress",
+    ]
+
+    def err(rows, *extra):
+        m = write_manifest(tmp_path / "bad.csv", rows)
+        assert main([*base, "--manifest", str(m), *extra]) == 2
+        return capsys.readouterr().err
+
+    missing = pd.concat(
+        [
+            df,
+            pd.DataFrame(
+                [{"slide_id": "GHOST", "case_id": "PX", "marker": "pos", "split": "test"}]
+            ),
+        ]
+    )
+    assert "GHOST" in err(missing) and "no feature file" in err(missing)
+    dup = pd.concat([df, df.iloc[[0]]])
+    assert "duplicate slide_id" in err(dup)
+    assert "unknown value" in err(
+        df.assign(marker=["pos", "neg", "maybe"] * (len(df) // 3) + ["pos"] * (len(df) % 3)),
+        "--classes",
+        "neg,pos",
+    )
+    two = df.copy()
+    multi = two.groupby("case_id").size()
+    case = multi[multi > 1].index[0]
+    two.loc[two.index[two.case_id == case][0], "split"] = "train"
+    two.loc[two.index[two.case_id == case][1], "split"] = "test"
+    assert "more than one split" in err(two, "--folds", "0")
+    assert "no label column" in err(df.drop(columns=["marker"]))
+
+
+def _fold_inputs(tmp_path, n_patients=12):
+    from slidefm.pipelines.mil import load_bags
+
+    manifest, feats = make_cohort(tmp_path, n_patients=n_patients)
+    df = pd.read_csv(manifest)
+    bags = load_bags([feats / f"{s}.h5" for s in df["slide_id"]], progress=False)
+    y = (df["marker"] == "pos").to_numpy().astype(np.int64)
+    idx = {n: np.flatnonzero(df["split"] == n) for n in ("train", "val", "test")}
+    return bags, y, idx
+
+
+def test_early_stopping_stops_after_patience(tmp_path):
+    from slidefm.eval.targets import Task
+    from slidefm.pipelines.mil import MILConfig, train_fold
+
+    bags, y, idx = _fold_inputs(tmp_path)
+    rng = np.random.default_rng(0)
+    y_noise = rng.permutation(y)  # labels unrelated to features: validation stops improving
+    cfg = MILConfig(model="mean", epochs=40, patience=2, lr=0.01, model_kwargs={"hidden": 8})
+    _, meta = train_fold(
+        bags, y_noise, idx, Task(("m",), ("0", "1"), False), cfg, tmp_path / "f", seed=0
+    )
+    es = json.loads((tmp_path / "f" / "train" / "early_stopping.json").read_text())
+    scores = [h["score"] for h in es["history"]]
+    assert meta["epochs_run"] == len(scores) < 40
+    assert meta["best_epoch"] == int(np.argmax(scores)) == len(scores) - 1 - cfg.patience
+
+
+def test_interrupted_fold_resumes_to_the_same_model(tmp_path, monkeypatch):
+    import slidefm.pipelines.mil as mp
+    from slidefm.eval.targets import Task
+
+    bags, y, idx = _fold_inputs(tmp_path)
+    task = Task(("m",), ("0", "1"), False)
+    cfg = mp.MILConfig(model="abmil", epochs=8, patience=100, lr=0.003, model_kwargs={"hidden": 8})
+    ref, ref_meta = mp.train_fold(bags, y, idx, task, cfg, tmp_path / "ref", seed=3)
+
+    real = mp._val_score
+    calls = {"n": 0}
+
+    def crash_at_epoch_7(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(mp, "_val_score", crash_at_epoch_7)
+    with pytest.raises(KeyboardInterrupt):
+        mp.train_fold(bags, y, idx, task, cfg, tmp_path / "run", seed=3)
+    monkeypatch.setattr(mp, "_val_score", real)
+    assert (tmp_path / "run" / "train" / "checkpoints").is_dir()  # epoch-5 checkpoint exists
+    got, meta = mp.train_fold(bags, y, idx, task, cfg, tmp_path / "run", seed=3)
+    assert (
+        meta["epochs_run"] == ref_meta["epochs_run"] == 8
+        and meta["best_epoch"] == ref_meta["best_epoch"]
+    )
+    for (k, a), b in zip(ref.state_dict().items(), got.state_dict().values()):
+        torch.testing.assert_close(a, b, msg=k)
