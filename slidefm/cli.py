@@ -15,6 +15,7 @@ PIPELINES = [
     "encoders_cmd",
     "encode",
     "mil",
+    "probe",
     "heatmap",
 ]
 

@@ -1,0 +1,210 @@
+"""``slidefm probe``: how well frozen slide embeddings predict a label, one protocol for every
+model (eva-style): the same patient-grouped folds and seeds as ``slidefm mil train`` (pass its
+``splits.csv`` to compare on identical partitions), and three probes:
+
+- ``linear``: logistic regression, C chosen on the validation split;
+- ``knn``: k = 20 nearest neighbours by cosine similarity (train + val as the memory);
+- ``fewshot``: k ∈ {1, 2, 4, 8, 16} slides per class drawn from train + val, many draws,
+  SimpleShot prototypes; reported as mean ± sd over draws, folds and seeds.
+
+Outputs: ``{linear,knn}_results.json`` / ``_fold_metrics.csv`` / ``_seed_metrics.csv`` / ROC
+PNGs, ``predictions.csv``, ``fewshot.csv`` (every draw) + ``fewshot_summary.csv``,
+``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+import slidefm
+from slidefm.eval.probes import FEW_SHOT_KS, few_shot, knn_probe, linear_probe, mean_sd
+from slidefm.eval.report import (
+    evaluate_predictions,
+    format_summary,
+    write_csv,
+    write_json,
+    write_report,
+)
+from slidefm.eval.splits import load_or_make_splits, load_splits, save_splits, splits_from_manifest
+from slidefm.eval.targets import aggregate_patients, encode_targets, make_task, target_frame
+from slidefm.io.manifest import ManifestError, read_manifest
+
+PROBES = ("linear", "knn", "fewshot")
+
+
+def align_embeddings(df: pd.DataFrame, slide_ids: list[str], emb: np.ndarray) -> np.ndarray:
+    """Rows of ``emb`` in manifest order; a manifest slide without an embedding is an error."""
+    pos = {str(s): i for i, s in enumerate(slide_ids)}
+    missing = [s for s in df["slide_id"].astype(str) if s not in pos]
+    if missing:
+        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
+        raise ManifestError(
+            f"{len(missing)} manifest slide(s) have no embedding: {', '.join(missing[:5])}{more}; run `slidefm embed-slides` on them or drop them"
+        )
+    return np.asarray(emb, dtype=np.float64)[[pos[s] for s in df["slide_id"].astype(str)]]
+
+
+def run(args: argparse.Namespace) -> int:
+    from slidefm.io.embeddings import read_embeddings
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    probes = [p.strip() for p in args.probes.split(",") if p.strip()]
+    unknown = sorted(set(probes) - set(PROBES))
+    if unknown:
+        raise ValueError(f"Unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    shots = [int(s) for s in args.shots.split(",")]
+    df = read_manifest(args.manifest, required=("slide_id",))
+    task = make_task(df, [args.label])
+    y = encode_targets(df, task)
+    ids, emb, emb_attrs = read_embeddings(args.embeddings)
+    x = align_embeddings(df, list(ids), emb)
+    sdf = df.assign(_stratum=df[args.label].astype(str))
+    if args.splits:
+        splits = load_splits(args.splits, df["slide_id"].astype(str).tolist())
+        splits = splits[splits["seed"].isin(seeds)].reset_index(drop=True)
+        save_splits(splits, out / "splits.csv")
+    elif args.folds == 0:
+        splits = splits_from_manifest(sdf, "_stratum", seeds)
+        save_splits(splits, out / "splits.csv")
+    else:
+        splits = load_or_make_splits(out / "splits.csv", sdf, "_stratum", args.folds, seeds)
+    pos = {s: i for i, s in enumerate(df["slide_id"].astype(str))}
+    rows: dict[str, list[pd.DataFrame]] = {"linear": [], "knn": []}
+    fs_rows, chosen_c = [], []
+    groups = list(splits.groupby(["seed", "fold"], sort=True))
+    for (seed, fold), part in tqdm(groups, desc="probing", unit="fold", disable=args.no_progress):
+        idx = {
+            n: np.array([pos[s] for s in part.loc[part["split"] == n, "slide_id"]], dtype=np.int64)
+            for n in ("train", "val", "test")
+        }
+        trval = np.concatenate([idx["train"], idx["val"]])
+        test = df.iloc[idx["test"]]
+        base = pd.concat(
+            [
+                pd.DataFrame(
+                    {
+                        "seed": int(seed),
+                        "fold": int(fold),
+                        "slide_id": test["slide_id"].astype(str).to_numpy(),
+                        "case_id": test["case_id"].astype(str).to_numpy(),
+                    }
+                ),
+                target_frame(y[idx["test"]], task),
+            ],
+            axis=1,
+        )
+        if "linear" in probes:
+            res = linear_probe(
+                x[idx["train"]],
+                y[idx["train"]],
+                x[idx["val"]],
+                y[idx["val"]],
+                x[idx["test"]],
+                task.num_classes,
+                seed=int(seed),
+            )
+            chosen_c.append({"seed": int(seed), "fold": int(fold), "C": res.best_c})
+            rows["linear"].append(
+                pd.concat([base, pd.DataFrame(res.proba, columns=task.prob_columns)], axis=1)
+            )
+        if "knn" in probes:
+            proba = knn_probe(x[trval], y[trval], x[idx["test"]], task.num_classes, k=args.k)
+            rows["knn"].append(
+                pd.concat([base, pd.DataFrame(proba, columns=task.prob_columns)], axis=1)
+            )
+        if "fewshot" in probes:
+            fs = few_shot(
+                x[trval],
+                y[trval],
+                x[idx["test"]],
+                y[idx["test"]],
+                task.num_classes,
+                shots,
+                args.draws,
+                seed=int(seed) * 1000 + int(fold),
+            )
+            fs_rows.append(fs.assign(seed=int(seed), fold=int(fold)))
+    meta = {
+        "command": "probe",
+        "random_weights": str(emb_attrs.get("checkpoint_sha256", "")) == "random",
+        "embeddings": str(args.embeddings),
+        "embedding_attrs": {k: str(v) for k, v in emb_attrs.items()},
+        "task": task.to_dict(),
+        "seeds": seeds,
+        "seed": args.seed,
+        "slidefm_version": slidefm.__version__,
+    }
+    summary: dict = {**meta, "probes": {}}
+    all_preds = []
+    for name in ("linear", "knn"):
+        if not rows[name]:
+            continue
+        preds = pd.concat(rows[name], ignore_index=True)
+        all_preds.append(preds.assign(probe=name))
+        scored = aggregate_patients(preds, task) if args.patient_level else preds
+        result = evaluate_predictions(scored, task, n_boot=args.n_boot, seed=args.seed)
+        extra = {"probe": name, "level": "patient" if args.patient_level else "slide"}
+        if name == "linear":
+            extra["chosen_C"] = chosen_c
+        if name == "knn":
+            extra["k"] = args.k
+        write_report(out, scored, task, result, {**meta, **extra}, prefix=f"{name}_")
+        summary["probes"][name] = result["summary"]
+        print(f"[{name}]")
+        print(format_summary(result))
+    if all_preds:
+        write_csv(pd.concat(all_preds, ignore_index=True), out / "predictions.csv")
+    if fs_rows:
+        fs = pd.concat(fs_rows, ignore_index=True)
+        write_csv(fs, out / "fewshot.csv")
+        fs_sum = mean_sd(fs, ["k"])
+        write_csv(fs_sum, out / "fewshot_summary.csv")
+        summary["probes"]["fewshot"] = fs_sum.to_dict(orient="records")
+        print("[fewshot] (mean ± sd over draws × folds × seeds)")
+        for r in fs_sum.itertuples():
+            print(
+                f"  k={r.k:>2}: AUROC {r.auroc_mean:.3f} ± {r.auroc_sd:.3f}   balanced acc {r.balanced_accuracy_mean:.3f} ± {r.balanced_accuracy_sd:.3f}   (n={r.n})"
+            )
+    write_json(summary, out / "summary.json")
+    if str(emb_attrs.get("checkpoint_sha256", "")) == "random":
+        print("NOTE: these embeddings come from a RANDOMLY INITIALISED slide encoder")
+    return 0
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from slidefm.cli import add_common
+
+    p = sub.add_parser("probe", help="linear / kNN / few-shot probes on slide embeddings, with CIs")
+    p.add_argument(
+        "--embeddings", required=True, help="slide_embeddings.h5 from `slidefm embed-slides`"
+    )
+    p.add_argument(
+        "--manifest", required=True, help="CSV with slide_id, case_id and the label column"
+    )
+    p.add_argument("--label", required=True, help="label column")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument(
+        "--probes",
+        default="linear,knn,fewshot",
+        help="comma-separated subset of linear,knn,fewshot",
+    )
+    p.add_argument("--folds", type=int, default=5, help="K for CV; 0 = the manifest's split column")
+    p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
+    p.add_argument("--splits", help="reuse a saved splits.csv (e.g. from `slidefm mil train`)")
+    p.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    p.add_argument("--shots", default=",".join(map(str, FEW_SHOT_KS)), help="few-shot k per class")
+    p.add_argument("--draws", type=int, default=50, help="few-shot draws per k, fold and seed")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for CIs")
+    p.add_argument(
+        "--patient-level", action="store_true", help="aggregate slide probabilities per case_id"
+    )
+    p.add_argument("--no-progress", action="store_true")
+    add_common(p)
+    p.set_defaults(func=run)
