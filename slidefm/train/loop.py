@@ -69,6 +69,7 @@ class TrainConfig:
     device: str = "auto"
     resume: str = "auto"  # auto (latest checkpoint in out_dir) | none | path to a checkpoint
     progress: bool = True
+    find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -195,7 +196,9 @@ class Trainer:
         self.model: nn.Module = self.module
         if self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.module, device_ids=ids)
+            self.model = DistributedDataParallel(
+                self.module, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters
+            )
         self.loss_fn = loss_fn
         self.data = data
         self.eval_fn = eval_fn

@@ -1,0 +1,168 @@
+"""Masked feature modeling: block masks, the loss on hidden tiles only, distillation, EMA."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from bag_utils import random_grid
+
+from slidefm.models.pretrain import MaskedFeatureModel, PretrainConfig, block_mask, dino_loss
+
+D = 8
+
+
+class StandIn(torch.nn.Module):  # TEMPORARY until slidefm.models.slide_encoder lands
+    def __init__(self):
+        super().__init__()
+        import types
+
+        self.config = types.SimpleNamespace(input_dim=D, d_model=16)
+        self.proj = torch.nn.Linear(D + 2, 16)
+        self.mask_token = torch.nn.Parameter(torch.randn(D))
+        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
+        self.block = torch.nn.TransformerEncoderLayer(16, 2, 32, 0.1, batch_first=True)
+
+    def forward_tokens(self, features, grid, padding_mask=None, token_mask=None):
+        if token_mask is not None:
+            features = torch.where(token_mask[..., None], self.mask_token, features)
+        x = self.proj(torch.cat([features, grid.float()], -1))
+        x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1)
+        pad = torch.nn.functional.pad(padding_mask, (1, 0))
+        x = self.block(x, src_key_padding_mask=pad)
+        return x[:, :1], x[:, 1:]
+
+
+def tiny_encoder(**kw):
+    return StandIn()
+
+
+def make_batch(seed=0, sizes=(30, 18), side=8):
+    rng = np.random.default_rng(seed)
+    n = max(sizes)
+    feats = torch.zeros(len(sizes), n, D)
+    grid = torch.zeros(len(sizes), n, 2, dtype=torch.long)
+    pad = torch.ones(len(sizes), n, dtype=torch.bool)
+    for i, k in enumerate(sizes):
+        feats[i, :k] = torch.from_numpy(rng.normal(size=(k, D)).astype(np.float32))
+        grid[i, :k] = torch.from_numpy(random_grid(rng, k, side).astype(np.int64))
+        pad[i, :k] = False
+    return {"features": feats, "grid": grid, "padding_mask": pad}
+
+
+def dense_grid(side):
+    c, r = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+    return torch.stack([c.ravel(), r.ravel()], -1)
+
+
+def test_block_mask_exact_count_never_padding():
+    torch.manual_seed(0)
+    b = make_batch(sizes=(30, 18, 1, 2))
+    m = block_mask(b["grid"], b["padding_mask"], 0.4, 2, 4)
+    assert m.dtype == torch.bool and m.shape == b["padding_mask"].shape
+    assert not (m & b["padding_mask"]).any()
+    assert m.sum(1).tolist() == [round(0.4 * 30), round(0.4 * 18), 1, 1]
+
+
+def test_block_mask_is_spatially_clustered():
+    """Hidden tiles touch each other far more often than under independent random masking."""
+    torch.manual_seed(0)
+    g = dense_grid(20).unsqueeze(0)  # 400 tiles
+    m = block_mask(g, None, 0.3, 3, 5)[0]
+    hidden = {tuple(x) for x in g[0][m].tolist()}
+    assert len(hidden) == 120
+
+    def adjacent_pairs(cells):
+        return sum((c + 1, r) in cells for c, r in cells) + sum(
+            (c, r + 1) in cells for c, r in cells
+        )
+
+    rand = {tuple(x) for x in g[0][torch.randperm(400)[:120]].tolist()}
+    # Random 30% masking: expected pairs ≈ 760 edges × 0.3² ≈ 68; blocks give far more.
+    assert adjacent_pairs(hidden) > 2 * adjacent_pairs(rand)
+    with pytest.raises(ValueError):
+        block_mask(g, None, 1.0)
+
+
+@pytest.mark.parametrize("loss", ["cosine", "mse"])
+def test_loss_matches_manual_computation_on_hidden_tiles(loss):
+    torch.manual_seed(0)
+    model = MaskedFeatureModel(tiny_encoder(), PretrainConfig(loss=loss, decoder_dim=16))
+    batch = make_batch()
+    torch.manual_seed(5)
+    loss_value, metrics = model(batch)
+    torch.manual_seed(5)  # same mask
+    out = model.predict(batch)
+    m, x = out["mask"], batch["features"]
+    # Independent target normalisation and loss: per-tile (x - mean) / sqrt(var + 1e-5).
+    mu = x.mean(-1, keepdim=True)
+    var = ((x - mu) ** 2).mean(-1, keepdim=True)
+    t = ((x - mu) / torch.sqrt(var + 1e-5))[m]
+    p = out["pred"][m]
+    if loss == "cosine":
+        ref = np.mean(
+            [1 - float(a.detach() @ b / (a.norm() * b.norm())) for a, b in zip(p, t, strict=True)]
+        )
+    else:
+        ref = float(((p - t) ** 2).sum() / t.numel())
+    assert float(loss_value) == pytest.approx(ref, rel=1e-5)
+    assert metrics["mask_frac"] == pytest.approx(float(m.sum()) / float((~out["pad"]).sum()))
+
+
+def test_gradient_flows_only_from_hidden_tiles():
+    torch.manual_seed(0)
+    model = MaskedFeatureModel(tiny_encoder(), PretrainConfig(decoder="mlp", decoder_dim=16))
+    batch = make_batch()
+    out = model.predict(batch)
+    pred = out["pred"]
+    pred.retain_grad()
+    m = out["mask"]
+    p, t = pred[m], out["target"][m]
+    (1 - torch.nn.functional.cosine_similarity(p, t, dim=-1)).mean().backward()
+    per_tile = pred.grad.abs().sum(-1)
+    assert (per_tile[~m] == 0).all() and (per_tile[m] > 0).all()
+    # The hidden tiles' inputs were replaced: changing them leaves the predictions unchanged.
+    model.eval()
+    b2 = {**batch, "features": batch["features"].clone()}
+    b2["features"][m] += 5.0
+    with torch.no_grad():
+        p1 = model.predict(batch, token_mask=m)["pred"]
+        p2 = model.predict(b2, token_mask=m)["pred"]
+    torch.testing.assert_close(p1[~out["pad"]], p2[~out["pad"]], rtol=1e-5, atol=1e-5)
+
+
+def test_dino_loss_against_naive_loop():
+    g = torch.Generator().manual_seed(0)
+    s, t, c = (
+        torch.randn(3, 5, generator=g),
+        torch.randn(3, 5, generator=g),
+        torch.randn(5, generator=g),
+    )
+    total = 0.0
+    for i in range(3):
+        tz = [math.exp((t[i, k] - c[k]) / 0.04) for k in range(5)]
+        sz = [math.exp(s[i, k] / 0.1) for k in range(5)]
+        total += -sum(tz[k] / sum(tz) * math.log(sz[k] / sum(sz)) for k in range(5))
+    assert float(dino_loss(s, t, c, 0.1, 0.04)) == pytest.approx(total / 3, rel=1e-5)
+
+
+def test_ema_teacher_update_and_no_teacher_gradients():
+    torch.manual_seed(0)
+    cfg = PretrainConfig(distill_weight=1.0, ema_momentum=0.9, decoder_dim=16, distill_dim=8)
+    model = MaskedFeatureModel(tiny_encoder(), cfg)
+    assert not any(p.requires_grad for p in model.teacher.parameters())
+    loss, metrics = model(make_batch())
+    assert "distill_loss" in metrics and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is None for p in model.teacher.parameters())
+    with torch.no_grad():
+        for p in model.encoder.parameters():
+            p.add_(0.1)
+    before = [p.clone() for p in model.teacher.parameters()]
+    m = 1 - 0.1 * (math.cos(math.pi * 3 / 10) + 1) / 2  # cosine from 0.9 towards 1
+    assert model.ema_momentum(3, 10) == pytest.approx(m)
+    model.on_optimizer_step(3, 10)
+    for b, t, s in zip(before, model.teacher.parameters(), model.encoder.parameters(), strict=True):
+        torch.testing.assert_close(t, m * b + (1 - m) * s)
