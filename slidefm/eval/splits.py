@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
+from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from slidefm.io.atomic import atomic_path
 
@@ -26,15 +26,24 @@ SPLIT_NAMES = ("train", "val", "test")
 def _carve_val(
     idx: np.ndarray, strata: np.ndarray, groups: np.ndarray, val_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Split training indices into (train, val), grouped by patient and stratified by label."""
+    """Split training indices into (train, val), grouped by patient and stratified by label.
+
+    Uses one fold of a ~1/val_fraction-fold StratifiedGroupKFold; with too few slides per
+    class to stratify (tiny cohorts), a shuffled GroupKFold that still keeps patients whole.
+    """
     n_groups = len(np.unique(groups[idx]))
-    k = max(2, min(round(1.0 / val_fraction), n_groups))
     if n_groups < 2:
         raise ValueError(
             "Too few patients to carve a validation split; lower --folds or add patients"
         )
-    inner = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-    tr, va = next(inner.split(np.zeros(len(idx)), strata[idx], groups[idx]))
+    k = max(2, min(round(1.0 / val_fraction), n_groups))
+    largest = np.bincount(strata[idx]).max()
+    if largest >= k:
+        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        tr, va = next(splitter.split(np.zeros(len(idx)), strata[idx], groups[idx]))
+    else:
+        splitter = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
+        tr, va = next(splitter.split(np.zeros(len(idx)), groups=groups[idx]))
     return idx[tr], idx[va]
 
 
@@ -62,6 +71,10 @@ def make_cv_splits(
     n_groups = len(np.unique(groups))
     if n_folds < 2 or n_folds > n_groups:
         raise ValueError(f"--folds {n_folds} needs 2 ≤ folds ≤ number of patients ({n_groups})")
+    if np.bincount(strata).max() < n_folds:
+        raise ValueError(
+            f"--folds {n_folds}: no class has {n_folds} slides to stratify; use fewer folds"
+        )
     rows = []
     for seed in seeds:
         outer = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)

@@ -17,7 +17,6 @@ import pandas as pd
 
 from slidefm.io.manifest import ManifestError, check_labels
 
-
 # How 0/1 multi-label cells may be written (as read by pandas).
 BINARY_STRINGS = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "False": 0, "True": 1}
 

@@ -20,6 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -45,7 +46,7 @@ from slidefm.eval.targets import (
 )
 from slidefm.io.atomic import atomic_path
 from slidefm.io.bags import collate_bags, item_rng, subsample
-from slidefm.io.features import read_features
+from slidefm.io.features import read_attrs, read_features
 from slidefm.io.manifest import ManifestError, read_manifest
 from slidefm.models.mil import (
     MIL_MODELS,
@@ -82,6 +83,7 @@ class MILConfig:
     device: str = "auto"
     precision: str = "auto"
     num_workers: int = 0
+    cache_gb: float = 8.0
 
     def validate(self) -> None:
         if self.model not in MIL_MODELS:
@@ -101,42 +103,61 @@ class MILConfig:
 # -- data -----------------------------------------------------------------------------------
 @dataclasses.dataclass
 class Bags:
-    """All bags of a cohort in memory: features[i] (N_i, D) float32, grid[i] (N_i, 2) int64."""
+    """The cohort's bags: features (N_i, D) float32 and grid (N_i, 2) int64 per slide, held in
+    memory when they fit in ``cache_gb`` (every fold and seed reuses them), else read from
+    disk at each access."""
 
-    slide_ids: list[str]
-    features: list[np.ndarray]
-    grid: list[np.ndarray]
+    paths: list[Path]
+    dim: int
     attrs: dict[str, Any]
+    cached: list[tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
-    def dim(self) -> int:
-        return int(self.features[0].shape[1])
+    def slide_ids(self) -> list[str]:
+        return [p.stem for p in self.paths]
+
+    def get(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.cached is not None:
+            return self.cached[j]
+        sf = read_features(self.paths[j])
+        return sf.features.astype(np.float32, copy=False), sf.grid.astype(np.int64)
 
 
-def load_bags(paths: list[Path], progress: bool = True) -> Bags:
-    """Read feature files; all must come from the same tile encoder (same width and name)."""
-    feats, grids, ids, first = [], [], [], None
-    for p in tqdm(paths, desc="reading features", unit="slide", disable=not progress):
-        sf = read_features(p)
-        if sf.num_tiles == 0:
+def load_bags(paths: list[Path], progress: bool = True, cache_gb: float = 8.0) -> Bags:
+    """Check every feature file (tiles present, one tile encoder for the cohort) and load them
+    into memory when their float32 size is under ``cache_gb``."""
+    shapes, first = [], None
+    for p in paths:
+        a = read_attrs(p)
+        with h5py.File(p, "r") as f:
+            key = next((k for k in ("features", "feats") if k in f), None)
+            if key is None:
+                raise ManifestError(
+                    f"{p}: no 'features' dataset; is it a slidefm/TRIDENT feature file?"
+                )
+            shape = f[key].shape[-2:]
+        if shape[0] == 0:
             raise ManifestError(f"{p}: no tiles; drop the slide from the manifest or re-encode it")
-        key = (sf.features.shape[1], sf.attrs.get("encoder"))
+        enc = (int(shape[1]), a.get("encoder"))
         if first is None:
-            first = (key, sf.attrs)
-        elif key != first[0]:
+            first = (enc, a)
+        elif enc != first[0]:
             raise ManifestError(
-                f"{p}: features from encoder {key[1]} ({key[0]}-d) but {paths[0]} has {first[0][1]} ({first[0][0]}-d); encode the cohort with one encoder"
+                f"{p}: features from encoder {enc[1]} ({enc[0]}-d) but {paths[0]} has {first[0][1]} ({first[0][0]}-d); encode the cohort with one encoder"
             )
-        feats.append(sf.features.astype(np.float32, copy=False))
-        grids.append(sf.grid.astype(np.int64))
-        ids.append(p.stem)
-    attrs = first[1] if first else {}
-    return Bags(
-        ids,
-        feats,
-        grids,
-        {k: attrs.get(k) for k in ("encoder", "encoder_weights", "target_mpp", "patch_size")},
-    )
+        shapes.append(shape)
+    attrs = {k: first[1].get(k) for k in ("encoder", "encoder_weights", "target_mpp", "patch_size")}
+    bags = Bags(list(paths), first[0][0], attrs)
+    if sum(n * d for n, d in shapes) * 4 / 2**30 <= cache_gb:
+        bags.cached = [
+            bags.get(j)
+            for j in tqdm(
+                range(len(paths)), desc="reading features", unit="slide", disable=not progress
+            )
+        ]
+    else:
+        log.info("features exceed %.1f GB: reading them from disk at each access", cache_gb)
+    return bags
 
 
 class BagDataset(torch.utils.data.Dataset):
@@ -171,7 +192,7 @@ class BagDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         j = int(self.index[i])
-        f, g = self.bags.features[j], self.bags.grid[j]
+        f, g = self.bags.get(j)
         keep = subsample(len(f), self.max_tiles, item_rng(self.seed, self.epoch, i))
         if len(keep) < len(f):
             f, g = f[keep], g[keep]
@@ -217,7 +238,7 @@ def predict_bags(
 def _val_score(
     model, val_set, y_val, cfg: MILConfig, device, task: Task, weight
 ) -> tuple[float, dict[str, float]]:
-    """Validation (score to maximise, metrics): −loss or AUROC."""
+    """Validation (score to maximise, metrics): −loss (weighted like training) or AUROC."""
     from slidefm.eval.metrics import auroc
 
     prob = predict_bags(model, val_set, cfg.eval_batch_size, device, task.multilabel)
@@ -228,7 +249,10 @@ def _val_score(
             torch.logit(p.clamp(1e-7, 1 - 1e-7)), t, True, None if weight is None else weight.cpu()
         ).item()
     else:
-        loss = torch.nn.functional.nll_loss(torch.log(p.clamp_min(1e-12)), t.long()).item()
+        w = None if weight is None else weight.cpu().to(p.dtype)
+        loss = torch.nn.functional.nll_loss(
+            torch.log(p.clamp_min(1e-12)), t.long(), weight=w
+        ).item()
     auc = auroc(y_val, prob, num_classes=task.num_classes)
     metrics = {"val_loss": loss, "val_auroc": auc}
     return (-loss if cfg.val_metric == "loss" else (auc if np.isfinite(auc) else -np.inf)), metrics
@@ -525,7 +549,7 @@ def run_train(args: argparse.Namespace) -> int:
     task = make_task(df, parse_labels(args.label), parse_list(args.classes))
     paths = check_feature_files(df, args.features)
     splits = build_splits(df, task, args, cfg, seeds, out)
-    bags = load_bags(paths, progress=not args.no_progress)
+    bags = load_bags(paths, progress=not args.no_progress, cache_gb=cfg.cache_gb)
     enc_weights = (
         build_slide_encoder(cfg.slide_encoder)[1] if cfg.model == "slide_encoder" else None
     )
