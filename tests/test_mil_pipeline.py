@@ -196,11 +196,17 @@ def test_mil_train_cv_and_predict(tmp_path):
     )
 
 
-@pytest.mark.parametrize("model", ["mean", "max", "transmil"])
-def test_other_models_and_manifest_split(tmp_path, model):
+@pytest.mark.parametrize(
+    ("model", "extra"),
+    [
+        ("mean", ["--balance", "sampler"]),
+        ("max", []),
+        ("transmil", ["--set", "model_kwargs={dim: 16, heads: 2}"]),
+    ],
+)
+def test_other_models_and_manifest_split(tmp_path, model, extra):
     manifest, feats = make_cohort(tmp_path, n_patients=16)
     out = tmp_path / model
-    extra = ["--set", "model_kwargs={dim: 16, heads: 2}"] if model == "transmil" else []
     rc = main(
         [
             "mil",
