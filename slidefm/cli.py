@@ -17,6 +17,8 @@ PIPELINES = [
     "mil",
     "probe",
     "heatmap",
+    "pretrain",
+    "embed",
 ]
 
 
@@ -36,19 +38,38 @@ def build_parser() -> argparse.ArgumentParser:
 def add_common(p: argparse.ArgumentParser, config_subdir: str | None = None) -> None:
     """Options every pipeline shares: --config, --set overrides, --seed."""
     if config_subdir is not None:
-        p.add_argument("--config", default=None, help=f"YAML config (path or name under configs/{config_subdir}/)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
-    p.add_argument("--seed", type=int, default=0, help="random seed, recorded in outputs (default 0)")
+        p.add_argument(
+            "--config",
+            default=None,
+            help=f"YAML config (path or name under configs/{config_subdir}/)",
+        )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value (repeatable)",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="random seed, recorded in outputs (default 0)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
     try:
         rc = args.func(args)
     except KeyboardInterrupt:
-        print("Interrupted: finished outputs are complete; re-run the same command to resume.", file=sys.stderr)
+        print(
+            "Interrupted: finished outputs are complete; re-run the same command to resume.",
+            file=sys.stderr,
+        )
         return 130
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         if args.verbose:

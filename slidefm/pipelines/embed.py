@@ -1,0 +1,169 @@
+"""``slidefm embed-slides``: tile-feature files → one slide embedding each, in one HDF5 file.
+
+The encoder comes from a checkpoint (its sha256 is recorded) or, explicitly, from a config with
+``--weights random``; random-weight outputs say so on screen and in the file's attrs, so they
+can never pass for pretrained embeddings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from slidefm.config import config_hash
+from slidefm.io.bags import FeatureBagDataset
+from slidefm.io.embeddings import write_embeddings
+from slidefm.io.manifest import read_manifest
+from slidefm.runtime import autocast, pick_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@torch.no_grad()
+def embed_dataset(
+    encoder: nn.Module,
+    dataset: FeatureBagDataset,
+    device: torch.device | None = None,
+    precision: str = "fp32",
+    progress: bool = False,
+) -> tuple[list[str], np.ndarray]:
+    """(slide_ids, embeddings [N_slides, E] float32), one slide per forward (no padding).
+
+    The encoder is put in eval mode and restored to its previous mode afterwards.
+    """
+    device = device or next(encoder.parameters()).device
+    was_training = encoder.training
+    encoder.eval()
+    ids, out = [], []
+    for i in tqdm(range(len(dataset)), desc="embed", disable=not progress, dynamic_ncols=True):
+        item = dataset[i]
+        feats = item["features"].unsqueeze(0).to(device)
+        grid = item["grid"].unsqueeze(0).to(device)
+        with autocast(device, precision):
+            z = encoder(feats, grid, None)
+        ids.append(item["slide_id"])
+        out.append(z.float().cpu().numpy()[0])
+    encoder.train(was_training)
+    return ids, np.stack(out) if out else np.zeros((0, 0), np.float32)
+
+
+def load_encoder(
+    checkpoint: str | None, config: str | None, weights: str | None
+) -> tuple[nn.Module, dict]:
+    """The encoder and the provenance attrs its embeddings must carry."""
+    from slidefm.models.slide_encoder import SlideEncoder
+
+    if checkpoint:
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"checkpoint {checkpoint} not found")
+        enc = SlideEncoder.from_checkpoint(checkpoint)
+        prov = {
+            "weights": str(Path(checkpoint).resolve()),
+            "checkpoint_sha256": file_sha256(checkpoint),
+            "encoder_config": getattr(enc.config, "name", None) or config or Path(checkpoint).stem,
+        }
+    elif config:
+        if weights != "random":
+            raise ValueError(
+                "--config without --checkpoint builds an untrained encoder: pass --weights random "
+                "to confirm (the output is then marked random), or give --checkpoint"
+            )
+        enc = SlideEncoder.from_config(config)
+        prov = {"weights": "random", "checkpoint_sha256": "random", "encoder_config": config}
+    else:
+        raise ValueError("give --checkpoint CKPT, or --config NAME --weights random")
+    prov["encoder_config_hash"] = config_hash(enc.config)
+    return enc, prov
+
+
+def run_embed(
+    features: str | Path,
+    out: str | Path,
+    checkpoint: str | None = None,
+    config: str | None = None,
+    weights: str | None = None,
+    slide_ids: Sequence[str] | None = None,
+    max_tiles: int | None = None,
+    seed: int = 0,
+    device: str = "auto",
+    precision: str = "auto",
+    progress: bool = True,
+) -> Path:
+    """Embed every slide of ``features`` (or ``slide_ids``) and write ``out`` atomically."""
+    seed_everything(seed)  # random weights (and max_tiles subsets) are reproducible
+    enc, prov = load_encoder(checkpoint, config, weights)
+    dev = pick_device(device)
+    enc.to(dev)
+    ds = FeatureBagDataset(features, slide_ids=slide_ids, max_tiles=max_tiles, seed=seed)
+    if ds.slide(0).features.shape[1] != enc.config.input_dim:
+        raise ValueError(
+            f"features are {ds.slide(0).features.shape[1]}-d but the encoder expects "
+            f"{enc.config.input_dim}-d inputs; use an encoder trained on these tile features"
+        )
+    if prov["weights"] == "random":
+        log.warning("RANDOM WEIGHTS: these slide embeddings come from an untrained encoder")
+    ids, emb = embed_dataset(enc, ds, dev, precision, progress=progress)
+    attrs = {
+        **prov,
+        "seed": seed,
+        "features_dir": str(Path(features).resolve()),
+        "tile_encoder": str(ds.slide(0).attrs.get("encoder", "unknown")),
+        "max_tiles": max_tiles if max_tiles else 0,
+        "embed_dim": int(emb.shape[1]),
+    }
+    path = write_embeddings(out, ids, emb, attrs)
+    note = " (RANDOM WEIGHTS, not pretrained)" if prov["weights"] == "random" else ""
+    print(f"wrote {len(ids)} slide embeddings ({emb.shape[1]}-d) to {path}{note}")
+    return path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "embed-slides", help="slide embeddings from tile-feature files with a slide encoder"
+    )
+    p.add_argument("--checkpoint", help="encoder checkpoint (e.g. <pretrain out>/encoder.pt)")
+    p.add_argument("--config", help="slide-encoder config name/path, with --weights random")
+    p.add_argument("--weights", choices=["random"], help="with --config: untrained weights")
+    p.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files")
+    p.add_argument("--out", required=True, help="output HDF5, e.g. slide_embeddings.h5")
+    p.add_argument("--manifest", help="CSV with slide_id: embed only these slides, in its order")
+    p.add_argument("--max-tiles", type=int, default=None, help="random subset per slide")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--seed", type=int, default=0, help="seed (random weights, max-tiles subsets)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    ids = None
+    if args.manifest:
+        ids = read_manifest(args.manifest)["slide_id"].astype(str).tolist()
+    run_embed(
+        args.features,
+        args.out,
+        checkpoint=args.checkpoint,
+        config=args.config,
+        weights=args.weights,
+        slide_ids=ids,
+        max_tiles=args.max_tiles,
+        seed=args.seed,
+        device=args.device,
+        precision=args.precision,
+    )
+    return 0

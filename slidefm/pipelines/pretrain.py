@@ -1,0 +1,242 @@
+"""``slidefm pretrain``: masked-feature-modeling pretraining of a slide encoder on feature files.
+
+Outputs in ``--out``: ``checkpoints/step_*.pt`` (exact resume: re-run the same command),
+``metrics.csv`` and ``loss_curve.png`` (loss, lr, RankMe of held-out slide embeddings),
+``run_config.json`` (resolved config, hash, seed, slides) and the final ``encoder.pt``
+(``SlideEncoder.save_checkpoint``) for ``slidefm embed-slides --checkpoint``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from slidefm.config import (
+    ConfigError,
+    apply_overrides,
+    config_hash,
+    from_dict,
+    load_yaml,
+    resolve_config_path,
+)
+from slidefm.eval.rankme import rankme
+from slidefm.io.atomic import atomic_path
+from slidefm.io.bags import FeatureBagDataset, collate_bags, list_feature_files
+from slidefm.io.manifest import read_manifest
+from slidefm.models.pretrain import MaskedFeatureModel, PretrainConfig
+from slidefm.pipelines.embed import embed_dataset
+from slidefm.runtime import dist_info, seed_everything
+from slidefm.train.data import make_loader
+from slidefm.train.loop import TrainConfig, Trainer, latest_checkpoint
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainDataConfig:
+    batch_size: int = 8  # slides (crops) per micro-batch per rank
+    crop: Any = None  # window side in grid cells, or [min, max]; null = whole slide
+    max_tiles: int | None = 1024  # random tile subset per crop
+    augment: bool = True  # 90° rotations, flips, feature dropout
+    feature_dropout: float = 0.1
+    num_workers: int = 0
+    cache: bool = True  # keep feature files in memory
+    holdout_fraction: float = 0.1  # slides kept out of training for RankMe
+    min_holdout: int = 4
+    eval_max_tiles: int | None = 4096
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainRunConfig:
+    encoder: str = "tiny"  # name/path under configs/slide_encoder/
+    encoder_overrides: dict = dataclasses.field(default_factory=dict)
+    match_input_dim: bool = False  # set the encoder's input_dim from the feature files
+    objective: dict = dataclasses.field(default_factory=dict)  # PretrainConfig fields
+    data: dict = dataclasses.field(default_factory=dict)  # PretrainDataConfig fields
+    train: dict = dataclasses.field(default_factory=dict)  # TrainConfig fields
+
+
+def load_run_config(path: str | None, overrides: list[str] | None) -> dict[str, Any]:
+    """YAML (+ overrides) → plain dict, validated by building every section's dataclass."""
+    raw = apply_overrides(
+        load_yaml(resolve_config_path(path, "pretrain")) if path else {}, overrides
+    )
+    run = from_dict(PretrainRunConfig, raw)
+    from_dict(PretrainConfig, run.objective)
+    from_dict(PretrainDataConfig, run.data)
+    bad = {"out_dir", "seed"} & set(run.train)
+    if bad:
+        raise ConfigError(f"train.{'/'.join(sorted(bad))} come from --out/--seed, not the config")
+    from_dict(TrainConfig, run.train)
+    return dataclasses.asdict(run)
+
+
+def select_slides(features: str | Path, manifest: str | None, split: str | None) -> list[str]:
+    """Slide ids to pretrain on: the feature folder, or the manifest's rows (its ``split``
+    column restricted to ``split`` when both exist)."""
+    if not manifest:
+        return [p.stem for p in list_feature_files(features)]
+    df = read_manifest(manifest)
+    if split and "split" in df:
+        df = df[df["split"].astype(str) == split]
+        if df.empty:
+            raise ValueError(f"manifest {manifest} has no rows with split == {split!r}")
+    return df["slide_id"].astype(str).tolist()
+
+
+def split_holdout(ids: list[str], frac: float, minimum: int, seed: int) -> tuple[list, list]:
+    """(train, holdout) with a seeded holdout of max(minimum, frac·n) slides; no holdout
+    (RankMe on training slides) when that would leave fewer slides than it holds out."""
+    k = max(minimum, round(frac * len(ids)))
+    if frac <= 0 or len(ids) - k < k:
+        return ids, []
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    hold = {ids[i] for i in perm[:k]}
+    return [s for s in ids if s not in hold], [s for s in ids if s in hold]
+
+
+def run_pretrain(
+    config: str | None,
+    features: str | Path,
+    out: str | Path,
+    overrides: list[str] | None = None,
+    seed: int = 0,
+    manifest: str | None = None,
+    split: str | None = "train",
+    stop_at_step: int | None = None,
+) -> dict[str, Any]:
+    """Pretrain and write the outputs listed in the module docstring; returns run info."""
+    from slidefm.models.slide_encoder import SlideEncoder
+
+    out = Path(out)
+    cfgd = load_run_config(config, overrides)
+    objective = from_dict(PretrainConfig, cfgd["objective"])
+    data = from_dict(PretrainDataConfig, cfgd["data"])
+    tcfg = from_dict(TrainConfig, {**cfgd["train"], "out_dir": str(out), "seed": seed})
+    ids = select_slides(features, manifest, split)
+    train_ids, hold_ids = split_holdout(ids, data.holdout_fraction, data.min_holdout, seed)
+    crop = tuple(data.crop) if isinstance(data.crop, list) else data.crop
+    ds = FeatureBagDataset(
+        features,
+        slide_ids=train_ids,
+        max_tiles=data.max_tiles,
+        crop=crop,
+        augment=data.augment,
+        seed=seed,
+        cache=data.cache,
+        dropout=data.feature_dropout,
+    )
+    in_dim = int(ds.slide(0).features.shape[1])
+    enc_kw = dict(cfgd["encoder_overrides"])
+    if cfgd["match_input_dim"]:
+        enc_kw["input_dim"] = in_dim
+    run_hash = config_hash({**cfgd, "encoder_overrides": enc_kw})
+    info = {
+        "config": cfgd,
+        "config_name": config,
+        "config_hash": run_hash,
+        "seed": seed,
+        "features": str(Path(features).resolve()),
+        "num_train_slides": len(train_ids),
+        "holdout_slides": hold_ids,
+        "rankme_on": "holdout" if hold_ids else "train (too few slides for a holdout)",
+    }
+    _check_out_dir(out, run_hash)
+    seed_everything(seed)
+    encoder = SlideEncoder.from_config(cfgd["encoder"], **enc_kw)
+    if encoder.config.input_dim != in_dim:
+        raise ValueError(
+            f"features are {in_dim}-d but encoder {cfgd['encoder']!r} expects "
+            f"{encoder.config.input_dim}-d; --set encoder_overrides.input_dim={in_dim} "
+            "or --set match_input_dim=true"
+        )
+    model = MaskedFeatureModel(encoder, objective)
+    rank, world = dist_info()
+    if rank == 0:
+        _write_json(out / "run_config.json", info)
+    loader = make_loader(
+        ds,
+        data.batch_size,
+        seed=seed,
+        num_workers=data.num_workers,
+        collate_fn=collate_bags,
+        drop_last=len(ds) >= data.batch_size * world,
+    )
+    eval_ds = FeatureBagDataset(
+        features, slide_ids=hold_ids or train_ids, max_tiles=data.eval_max_tiles, seed=seed
+    )
+
+    def eval_fn(m: MaskedFeatureModel) -> dict[str, float]:
+        _, z = embed_dataset(m.encoder, eval_ds)
+        return {"rankme": rankme(z), "embedding_std": float(z.std(axis=0).mean())}
+
+    trainer = Trainer(model, lambda mdl, batch: mdl(batch), loader, tcfg, eval_fn=eval_fn)
+    rows = trainer.fit(stop_at_step=stop_at_step)
+    info["steps"] = trainer.step
+    info["final"] = rows[-1] if rows else {}
+    if rank == 0 and trainer.step >= tcfg.max_steps:
+        extra = {k: info[k] for k in ("config_hash", "seed", "config_name", "steps")}
+        extra["pretrain_config"] = cfgd
+        encoder.save_checkpoint(out / "encoder.pt", extra=extra)
+        info["encoder_checkpoint"] = str(out / "encoder.pt")
+        _write_json(out / "run_config.json", info)
+    return info
+
+
+def _check_out_dir(out: Path, run_hash: str) -> None:
+    """Refuse to resume checkpoints of a different config into the same folder."""
+    prev = out / "run_config.json"
+    if latest_checkpoint(out / "checkpoints") is None or not prev.is_file():
+        return
+    old = json.loads(prev.read_text()).get("config_hash")
+    if old != run_hash:
+        raise ValueError(
+            f"{out} holds checkpoints of another config (hash {old}, now {run_hash}); "
+            "use a new --out, or --set train.resume=none to start over there"
+        )
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str))
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from slidefm.cli import add_common
+
+    p = sub.add_parser("pretrain", help="masked-feature-modeling pretraining of a slide encoder")
+    p.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files")
+    p.add_argument("--out", required=True, help="output folder (re-run the command to resume)")
+    p.add_argument("--manifest", help="CSV with slide_id (and split): restricts the slides")
+    p.add_argument(
+        "--split", default="train", help="manifest split used for pretraining (default train)"
+    )
+    add_common(p, "pretrain")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not args.config:
+        raise ValueError("pass --config (e.g. tiny or titan_like under configs/pretrain/)")
+    info = run_pretrain(
+        args.config,
+        args.features,
+        args.out,
+        args.overrides,
+        args.seed,
+        manifest=args.manifest,
+        split=args.split,
+    )
+    final = info.get("final", {})
+    print(
+        f"pretrained {info['steps']} steps on {info['num_train_slides']} slides: "
+        f"loss {final.get('loss', float('nan')):.4g}, RankMe {final.get('rankme', float('nan')):.3g}"
+        f" ({info['rankme_on']}); encoder: {info.get('encoder_checkpoint', 'not yet (stopped)')}"
+    )
+    return 0
