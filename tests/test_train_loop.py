@@ -254,36 +254,49 @@ from slidefm.runtime import dist_info
 from slidefm.train.data import make_loader
 from slidefm.train.loop import Trainer, TrainConfig
 from test_train_loop import Regression, mse
+out, stop, dropout = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 torch.manual_seed(0)
-model = nn.Linear(5, 1)
+model = nn.Sequential(nn.Dropout(dropout), nn.Linear(5, 1))
 cfg = TrainConfig(max_steps=4, lr=0.05, warmup_steps=1, grad_clip=0, ckpt_every=2,
-                  out_dir={out!r}, progress=False)
-Trainer(model, mse, make_loader(Regression(), 4, seed=3, drop_last=True), cfg).fit()
+                  out_dir=out, progress=False)
+Trainer(model, mse, make_loader(Regression(), 4, seed=3, drop_last=True), cfg).fit(stop or None)
 if dist_info()[0] == 0:
-    torch.save(model.state_dict(), {out!r} + "/final.pt")
+    torch.save(model.state_dict(), out + "/final.pt")
 """
 
 
 @pytest.mark.slow
-def test_ddp_two_ranks_equal_one_rank_with_double_batch(tmp_path):
-    """torchrun, 2 CPU ranks (gloo) × batch 4 == 1 process × batch 8: the ResumableSampler
-    interleaves the shuffled indices across ranks and DDP averages the gradients."""
+def test_ddp_matches_single_process_and_resumes_exactly(tmp_path):
+    """torchrun, 2 CPU ranks (gloo):
+    - 2 ranks × batch 4 == 1 process × batch 8 (the ResumableSampler interleaves the shuffled
+      indices across ranks and DDP averages the gradients);
+    - with dropout (per-rank RNG), stop at step 2 + resume == uninterrupted, bit for bit."""
     import subprocess
     import sys
     from pathlib import Path
 
     script = tmp_path / "ddp.py"
-    out = tmp_path / "ddp"
-    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(script)]
-    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stderr[-3000:]
-    ddp = torch.load(out / "final.pt")
-    assert (out / "checkpoints" / "step_00000004.pt").is_file()
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent)))
 
+    def torchrun(out, stop, dropout):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2"]
+        cmd += [str(script), str(out), str(stop), str(dropout)]
+        res = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stderr[-3000:]
+        return torch.load(out / "final.pt")
+
+    ddp = torchrun(tmp_path / "ddp", 0, 0.0)
+    assert (tmp_path / "ddp" / "checkpoints" / "step_00000004.pt").is_file()
     torch.manual_seed(0)
-    model = nn.Linear(5, 1)
+    model = nn.Sequential(nn.Dropout(0.0), nn.Linear(5, 1))
     cfg = _cfg(tmp_path / "one", max_steps=4, lr=0.05, warmup_steps=1, grad_clip=0, accum_steps=1)
     Trainer(model, mse, make_loader(Regression(), 8, seed=3, drop_last=True), cfg).fit()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(ddp[k], v, rtol=1e-5, atol=1e-6)
+
+    straight = torchrun(tmp_path / "a", 0, 0.5)
+    torchrun(tmp_path / "b", 2, 0.5)
+    resumed = torchrun(tmp_path / "b", 0, 0.5)
+    for k in straight:
+        assert torch.equal(straight[k], resumed[k]), k
+    assert not torch.equal(straight["1.weight"], ddp["1.weight"])  # dropout mattered

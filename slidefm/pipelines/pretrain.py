@@ -234,6 +234,8 @@ def run(args: argparse.Namespace) -> int:
         split=args.split,
     )
     final = info.get("final", {})
+    if dist_info()[0] != 0:
+        return 0
     print(
         f"pretrained {info['steps']} steps on {info['num_train_slides']} slides: "
         f"loss {final.get('loss', float('nan')):.4g}, RankMe {final.get('rankme', float('nan')):.3g}"

@@ -461,7 +461,8 @@ def plot_loss_curve(rows: list[dict[str, Any]], path: str | Path) -> Path:
         pts = [(r["step"], r[c]) for r in rows if c in r]
         ax.plot(*zip(*pts, strict=True), label=c, marker="." if len(pts) < 50 else None)
     ax.set_ylabel("loss")
-    ax.legend()
+    if loss_cols:
+        ax.legend()
     ax.grid(alpha=0.3)
     lr = [(r["step"], r["lr"]) for r in rows if "lr" in r]
     if lr:
