@@ -146,6 +146,25 @@ def test_mil_train_cv_and_predict(tmp_path):
     )
     assert (out / "seed0" / "fold0" / "model.pt").stat().st_mtime_ns == mtime
     pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), preds)
+    # the run folder's splits belong to this label: another label must not silently reuse them
+    argv = [
+        "mil",
+        "train",
+        "--manifest",
+        str(manifest),
+        "--features",
+        str(feats),
+        "--label",
+        "m2",
+        "--folds",
+        "3",
+        "--seeds",
+        "0,1",
+        "--out",
+        str(out),
+        *FAST,
+    ]
+    assert main(argv) == 2
     # predict with one fold model, then with the whole run (fold ensemble), patient level
     one = tmp_path / "one.csv"
     assert (

@@ -393,9 +393,18 @@ def build_slide_encoder(spec: str) -> tuple[nn.Module, str]:
     ``weights`` is the checkpoint path or ``"random"`` (config only: random initialisation)."""
     from slidefm.models.slide_encoder import SlideEncoder
 
-    if Path(spec).is_file() and Path(spec).suffix in (".pt", ".pth", ".ckpt", ".safetensors"):
-        return SlideEncoder.from_checkpoint(spec), str(Path(spec).resolve())
-    return SlideEncoder.from_config(spec), "random"
+    weights = slide_encoder_weights(spec)
+    if weights != "random":
+        return SlideEncoder.from_checkpoint(spec), weights
+    return SlideEncoder.from_config(spec), weights
+
+
+def slide_encoder_weights(spec: str) -> str:
+    """What ``build_slide_encoder(spec)`` loads: the checkpoint's absolute path, or ``"random"``."""
+    p = Path(spec)
+    if p.is_file() and p.suffix in (".pt", ".pth", ".ckpt", ".safetensors"):
+        return str(p.resolve())
+    return "random"
 
 
 def load_mil_checkpoint(

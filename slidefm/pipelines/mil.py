@@ -57,6 +57,7 @@ from slidefm.models.mil import (
     mil_loss,
     probabilities,
     save_mil_checkpoint,
+    slide_encoder_weights,
 )
 from slidefm.runtime import pick_device, seed_everything
 
@@ -439,9 +440,15 @@ def build_splits(
         splits = splits_from_manifest(sdf, "_stratum", seeds)
         save_splits(splits, out / "splits.csv")
         return splits
-    return load_or_make_splits(
+    splits = load_or_make_splits(
         out / "splits.csv", sdf, "_stratum", args.folds, seeds, cfg.val_fraction
     )
+    want = dict(zip(sdf["slide_id"].astype(str), sdf["_stratum"]))
+    if (splits["slide_id"].map(want) != splits["stratum"].astype(str)).any():
+        raise ValueError(
+            f"{out / 'splits.csv'} was made for another label; use a new --out, or pass it explicitly with --splits to reuse its partitions"
+        )
+    return splits
 
 
 def run_cv(
@@ -459,7 +466,10 @@ def run_cv(
     bag_pos = {s: i for i, s in enumerate(bags.slide_ids)}
     if [bag_pos[s] for s in df["slide_id"].astype(str)] != list(range(len(df))):
         raise RuntimeError("bags are not in manifest order")
-    chash = config_hash(cfg)
+    # A finished fold is reused only for the same config, task and feature encoder.
+    chash = config_hash(
+        {"config": dataclasses.asdict(cfg), "task": task.to_dict(), "features": bags.attrs}
+    )
     all_preds = []
     groups = list(splits.groupby(["seed", "fold"], sort=True))
     bar = tqdm(groups, desc=f"mil {cfg.model}", unit="fold", disable=not progress)
@@ -550,9 +560,7 @@ def run_train(args: argparse.Namespace) -> int:
     paths = check_feature_files(df, args.features)
     splits = build_splits(df, task, args, cfg, seeds, out)
     bags = load_bags(paths, progress=not args.no_progress, cache_gb=cfg.cache_gb)
-    enc_weights = (
-        build_slide_encoder(cfg.slide_encoder)[1] if cfg.model == "slide_encoder" else None
-    )
+    enc_weights = slide_encoder_weights(cfg.slide_encoder) if cfg.model == "slide_encoder" else None
     preds = run_cv(df, task, bags, splits, cfg, out, progress=not args.no_progress)
     write_csv(preds, out / "predictions.csv")
     level = "slide"
