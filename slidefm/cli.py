@@ -19,6 +19,7 @@ PIPELINES = [
     "heatmap",
     "pretrain",
     "embed",
+    "tokenizer",
 ]
 
 
