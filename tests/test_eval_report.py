@@ -112,9 +112,9 @@ def test_evaluate_predictions_matches_naive_metrics(tmp_path):
     task = Task(("m",), ("0", "1"), False)
     preds = fake_cv()
     res = evaluate_predictions(preds, task, n_boot=200)
-    assert len(res["folds"]) == 6 and len(res["seeds"]) == 2
+    assert len(res["per_fold"]) == 6 and len(res["per_seed"]) == 2
     seed_auc = []
-    for row in res["seeds"]:
+    for row in res["per_seed"]:
         part = preds[preds.seed == row["seed"]]
         ref = naive_auroc(part["y"].to_numpy(), part["prob_1"].to_numpy())
         assert row["auroc"] == pytest.approx(ref)
@@ -124,7 +124,7 @@ def test_evaluate_predictions_matches_naive_metrics(tmp_path):
             np.mean((part["prob_1"] <= 0.5)[part.y == 0]),
         ]
         assert row["balanced_accuracy"] == pytest.approx(np.mean(recall))
-    for row in res["folds"]:
+    for row in res["per_fold"]:
         part = preds[(preds.seed == row["seed"]) & (preds.fold == row["fold"])]
         assert row["auroc"] == pytest.approx(
             naive_auroc(part["y"].to_numpy(), part["prob_1"].to_numpy())
@@ -148,4 +148,4 @@ def test_evaluate_multilabel_and_target_frame():
     df["seed"], df["fold"], df["case_id"] = 0, np.arange(40) % 2, [f"c{i}" for i in range(40)]
     res = evaluate_predictions(df, task, n_boot=50)
     ref = np.mean([naive_auroc(y[:, c], p[:, c]) for c in range(2)])
-    assert res["seeds"][0]["auroc_macro"] == pytest.approx(ref)
+    assert res["per_seed"][0]["auroc_macro"] == pytest.approx(ref)

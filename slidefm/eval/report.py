@@ -44,7 +44,7 @@ def _seed_mean(fn):
 def evaluate_predictions(
     preds: pd.DataFrame, task: Task, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
 ) -> dict[str, Any]:
-    """→ {"folds": [...], "seeds": [...], "summary": {metric: {...}}} (see module doc)."""
+    """→ {"per_fold": [...], "per_seed": [...], "summary": {metric: {...}}, counts} (module doc)."""
     fns = metric_functions(task.num_classes, task.multilabel)
     folds, seeds = [], []
     for (s, f), part in preds.groupby(["seed", "fold"], sort=True):
@@ -100,8 +100,8 @@ def evaluate_predictions(
             "fold_sd": float(fold_df[name].std(ddof=1)) if len(fold_df) > 1 else 0.0,
         }
     return {
-        "folds": folds,
-        "seeds": seeds,
+        "per_fold": folds,
+        "per_seed": seeds,
         "summary": summary,
         "n_slides_or_patients": int(preds.groupby("seed").size().iloc[0]),
         "n_seeds": int(preds["seed"].nunique()),
@@ -144,8 +144,12 @@ def write_report(
     (``meta`` + result) and one pooled ROC PNG per seed; returns the paths."""
     out = Path(out_dir)
     paths = {
-        "fold_metrics": write_csv(pd.DataFrame(result["folds"]), out / f"{prefix}fold_metrics.csv"),
-        "seed_metrics": write_csv(pd.DataFrame(result["seeds"]), out / f"{prefix}seed_metrics.csv"),
+        "fold_metrics": write_csv(
+            pd.DataFrame(result["per_fold"]), out / f"{prefix}fold_metrics.csv"
+        ),
+        "seed_metrics": write_csv(
+            pd.DataFrame(result["per_seed"]), out / f"{prefix}seed_metrics.csv"
+        ),
         "results": write_json({**meta, **result}, out / f"{prefix}results.json"),
     }
     for s, part in preds.groupby("seed"):
