@@ -10,33 +10,14 @@ import torch
 from bag_utils import random_grid
 
 from slidefm.models.pretrain import MaskedFeatureModel, PretrainConfig, block_mask, dino_loss
+from slidefm.models.slide_encoder import SlideEncoder, SlideEncoderConfig
 
 D = 8
 
 
-class StandIn(torch.nn.Module):  # TEMPORARY until slidefm.models.slide_encoder lands
-    def __init__(self):
-        super().__init__()
-        import types
-
-        self.config = types.SimpleNamespace(input_dim=D, d_model=16)
-        self.proj = torch.nn.Linear(D + 2, 16)
-        self.mask_token = torch.nn.Parameter(torch.randn(D))
-        self.cls = torch.nn.Parameter(torch.randn(1, 1, 16))
-        self.block = torch.nn.TransformerEncoderLayer(16, 2, 32, 0.1, batch_first=True)
-
-    def forward_tokens(self, features, grid, padding_mask=None, token_mask=None):
-        if token_mask is not None:
-            features = torch.where(token_mask[..., None], self.mask_token, features)
-        x = self.proj(torch.cat([features, grid.float()], -1))
-        x = torch.cat([self.cls.expand(len(x), -1, -1), x], 1)
-        pad = torch.nn.functional.pad(padding_mask, (1, 0))
-        x = self.block(x, src_key_padding_mask=pad)
-        return x[:, :1], x[:, 1:]
-
-
 def tiny_encoder(**kw):
-    return StandIn()
+    cfg = dict(name="t", input_dim=D, d_model=16, depth=2, num_heads=2, dropout=0.1)
+    return SlideEncoder(SlideEncoderConfig(**{**cfg, **kw}))
 
 
 def make_batch(seed=0, sizes=(30, 18), side=8):
@@ -100,14 +81,12 @@ def test_loss_matches_manual_computation_on_hidden_tiles(loss):
     mu = x.mean(-1, keepdim=True)
     var = ((x - mu) ** 2).mean(-1, keepdim=True)
     t = ((x - mu) / torch.sqrt(var + 1e-5))[m]
-    p = out["pred"][m]
+    p = out["pred"][m].detach()
     if loss == "cosine":
-        ref = np.mean(
-            [1 - float(a.detach() @ b / (a.norm() * b.norm())) for a, b in zip(p, t, strict=True)]
-        )
+        ref = np.mean([1 - float(a @ b / (a.norm() * b.norm())) for a, b in zip(p, t, strict=True)])
     else:
         ref = float(((p - t) ** 2).sum() / t.numel())
-    assert float(loss_value) == pytest.approx(ref, rel=1e-5)
+    assert float(loss_value.detach()) == pytest.approx(ref, rel=1e-5)
     assert metrics["mask_frac"] == pytest.approx(float(m.sum()) / float((~out["pad"]).sum()))
 
 
@@ -151,12 +130,16 @@ def test_dino_loss_against_naive_loop():
 def test_ema_teacher_update_and_no_teacher_gradients():
     torch.manual_seed(0)
     cfg = PretrainConfig(distill_weight=1.0, ema_momentum=0.9, decoder_dim=16, distill_dim=8)
-    model = MaskedFeatureModel(tiny_encoder(), cfg)
+    model = MaskedFeatureModel(tiny_encoder(readout="attn"), cfg)
     assert not any(p.requires_grad for p in model.teacher.parameters())
     loss, metrics = model(make_batch())
     assert "distill_loss" in metrics and torch.isfinite(loss)
     loss.backward()
     assert all(p.grad is None for p in model.teacher.parameters())
+    # The distillation trains the encoder's own readout (attention pooling here).
+    assert all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder.pool.parameters()
+    )
     with torch.no_grad():
         for p in model.encoder.parameters():
             p.add_(0.1)

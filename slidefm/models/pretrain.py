@@ -8,8 +8,10 @@ neighbours. Optionally an EMA teacher sees the unmasked slide and the student's 
 token is distilled towards it (DINO-style centred, sharpened targets).
 
 The encoder interface used: ``encoder.forward_tokens(features[B, N, D], grid[B, N, 2],
-padding_mask, token_mask) -> (prefix[B, P, d], tiles[B, N, d])`` and ``encoder.config``
-with ``input_dim`` (D) and ``d_model`` (d).
+padding_mask, token_mask) -> (prefix[B, P, d], tiles[B, N, d])``, ``encoder.readout(prefix,
+tiles, padding_mask) -> [B, E]`` (the slide embedding; the distillation trains it, so probes on
+``encoder(...)`` see a trained readout) and ``encoder.config`` with ``input_dim`` (D) and
+``d_model`` (d).
 """
 
 from __future__ import annotations
@@ -91,17 +93,6 @@ def block_mask(
     return out.to(grid.device)
 
 
-def masked_mean(tokens: torch.Tensor, padding_mask: torch.Tensor) -> torch.Tensor:
-    """[B, N, d] → [B, d], mean over real tokens (padding_mask True = pad)."""
-    keep = (~padding_mask).unsqueeze(-1).to(tokens.dtype)
-    return (tokens * keep).sum(1) / keep.sum(1).clamp_min(1)
-
-
-def slide_token(prefix: torch.Tensor, tiles: torch.Tensor, padding_mask: torch.Tensor):
-    """The slide-level token for distillation: the first prefix (CLS) token, else the mean tile."""
-    return prefix[:, 0] if prefix.shape[1] > 0 else masked_mean(tiles, padding_mask)
-
-
 def dino_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -167,7 +158,7 @@ class MaskedFeatureModel(nn.Module):
         d_model, in_dim = encoder.config.d_model, encoder.config.input_dim
         self.decoder = FeatureDecoder(d_model, in_dim, cfg)
         if cfg.distill_weight > 0:
-            self.student_head = _distill_head(d_model, cfg.distill_dim)
+            self.student_head = _distill_head(encoder.embed_dim, cfg.distill_dim)
             self.teacher = copy.deepcopy(encoder).requires_grad_(False)
             self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
             self.register_buffer("center", torch.zeros(cfg.distill_dim))
@@ -227,10 +218,9 @@ class MaskedFeatureModel(nn.Module):
 
     def _distill(self, batch: dict[str, Any], out: dict[str, torch.Tensor]) -> torch.Tensor:
         c, pad = self.cfg, out["pad"]
-        s = self.student_head(slide_token(out["prefix"], out["tiles"], pad).float())
+        s = self.student_head(self.encoder.readout(out["prefix"], out["tiles"], pad).float())
         with torch.no_grad():
-            tp, tt = self.teacher.forward_tokens(batch["features"], batch["grid"], pad)
-            t = self.teacher_head(slide_token(tp, tt, pad).float())
+            t = self.teacher_head(self.teacher(batch["features"], batch["grid"], pad).float())
         loss = dino_loss(s, t, self.center, c.student_temp, c.teacher_temp)
         if self.training:
             with torch.no_grad():
