@@ -20,6 +20,9 @@ PIPELINES = [
     "pretrain",
     "embed",
     "tokenizer",
+    "align",
+    "zero_shot",
+    "retrieve",
 ]
 
 

@@ -134,6 +134,7 @@ def train_tokenizer(
     character_coverage: float = 0.9995,
     num_threads: int = 1,
     clean: bool = True,
+    hard_vocab_limit: bool = True,
 ) -> Path:
     """Train a SentencePiece model on report texts and write ``out_path`` (``.model``) atomically.
 
@@ -143,7 +144,9 @@ def train_tokenizer(
     The model also depends on ``num_threads`` (SentencePiece splits its EM work by thread): a
     given thread count is reproducible, a different one gives a slightly different vocabulary,
     so it is recorded with the model by the CLI. Ids: pad 0, unk 1, bos 2, eos 3; ``[DEID]`` is a single user-defined piece; byte
-    fallback means no character is ever unknown.
+    fallback means no character is ever unknown (the 256 byte pieces count in ``vocab_size``).
+    ``hard_vocab_limit=False`` lets a small corpus yield fewer pieces than asked for instead of
+    failing.
     """
     import sentencepiece as spm
 
@@ -179,6 +182,7 @@ def train_tokenizer(
             input_sentence_size=0,  # 0 = all (subsampled above, deterministically)
             shuffle_input_sentence=False,
             max_sentence_length=8192,
+            hard_vocab_limit=hard_vocab_limit,
             num_threads=int(num_threads),
             minloglevel=2,
         )

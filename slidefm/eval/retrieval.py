@@ -89,7 +89,9 @@ class FaissIndex:
 class QdrantIndex:
     """A Qdrant collection (cosine) holding the vectors and their payload.
 
-    ``path``: embedded local mode persisted in that folder (default); ``url``: a Qdrant server.
+    ``path``: embedded local mode persisted in that folder (default); ``url``: a Qdrant server;
+    ``client``: an open ``QdrantClient`` (local mode allows one client per folder, so several
+    collections in one folder share it).
     Point ids are 0..N-1; the item id is stored in the payload under ``id`` with any extra
     payload (slide_id, case_id, diagnosis, ...).
     """
@@ -103,6 +105,7 @@ class QdrantIndex:
         url: str | None = None,
         collection: str = "slidefm",
         batch_size: int = 256,
+        client: Any = None,
     ):
         try:
             from qdrant_client import QdrantClient, models
@@ -115,7 +118,9 @@ class QdrantIndex:
         self.ids = [str(i) for i in ids]
         if payload is not None and len(payload) != len(self.ids):
             raise ValueError(f"{len(payload)} payload rows for {len(self.ids)} ids")
-        if url:
+        if client is not None:  # one local-mode client per folder: collections share it
+            self.client = client
+        elif url:
             self.client = QdrantClient(url=url)
         else:
             if path is None:
@@ -165,6 +170,7 @@ def build_index(
     qdrant_path: str | Path | None = None,
     qdrant_url: str | None = None,
     collection: str | None = None,
+    qdrant_client: Any = None,
 ) -> Index:
     """An index of ``embeddings`` [N, E] (rows named by ``ids``) with the chosen backend.
 
@@ -184,6 +190,7 @@ def build_index(
             path=qdrant_path,
             url=qdrant_url,
             collection=collection or f"slidefm_{uuid.uuid4().hex[:8]}",
+            client=qdrant_client,
         )
     raise ValueError(f"unknown retrieval backend {backend!r}; choose one of {', '.join(BACKENDS)}")
 

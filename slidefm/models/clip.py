@@ -305,16 +305,17 @@ class SlideTextModel(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"alignment checkpoint {path} not found; run `slidefm align`")
-        state = torch.load(path, map_location=map_location, weights_only=False)
+        state = torch.load(path, map_location=map_location, weights_only=True)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"{path} is not a slidefm alignment checkpoint (use <align out>/align.pt)"
             )
         enc = None
         if state["slide_encoder_config"] is not None:
-            from slidefm.models.slide_encoder import SlideEncoder
+            from slidefm.config import from_dict
+            from slidefm.models.slide_encoder import SlideEncoder, SlideEncoderConfig
 
-            enc = SlideEncoder.from_config_dict(state["slide_encoder_config"])
+            enc = SlideEncoder(from_dict(SlideEncoderConfig, state["slide_encoder_config"]))
         model = cls(
             AlignModelConfig(**state["config"]),
             state["slide_dim"],

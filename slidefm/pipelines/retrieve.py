@@ -1,0 +1,269 @@
+"""``slidefm retrieve``: slide↔report and slide→slide retrieval with an alignment checkpoint.
+
+Tasks (``--task``, default all that the inputs allow):
+
+- ``slide2report``: each slide queries the reports (one per patient); relevant = its own
+  patient's report.
+- ``report2slide``: each report queries the slides; relevant = that patient's slides.
+- ``slide2slide`` (needs ``--label-column``): each slide queries the other patients' slides
+  (itself and its own patient's slides are excluded); relevant = slides with the same label.
+
+Outputs in ``--out``: ``metrics.json`` (Recall@1/5/10, MRR, mAP@K with patient-bootstrap 95%
+CIs, per task), ``neighbours_<task>.csv`` (top-k per query), and with ``--query`` the slides
+closest to each free-text query (``text_queries.csv``). With ``--backend qdrant`` the
+collections (with payload slide_id, case_id, diagnosis) stay on disk in ``--qdrant-path``
+(default ``<out>/qdrant``) or on the server given by ``--qdrant-url``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from slidefm.eval.retrieval import (
+    BACKENDS,
+    build_index,
+    retrieval_metrics,
+    search_excluding,
+)
+from slidefm.io.atomic import atomic_path
+from slidefm.io.manifest import read_manifest
+from slidefm.models.clip import SlideTextModel
+from slidefm.pipelines.align import case_reports, first_report, slide_embeddings
+from slidefm.pipelines.zero_shot import checkpoint_provenance
+from slidefm.runtime import pick_device, seed_everything
+
+log = logging.getLogger(__name__)
+
+TASKS = ("slide2report", "report2slide", "slide2slide")
+
+
+def _neighbours_frame(qids, ranked, scores, relevant) -> pd.DataFrame:
+    rows = [
+        {
+            "query": q,
+            "rank": r + 1,
+            "neighbour": n,
+            "score": float(scores[i][r]),
+            "relevant": n in relevant[i],
+        }
+        for i, q in enumerate(qids)
+        for r, n in enumerate(ranked[i])
+    ]
+    return pd.DataFrame(rows, columns=["query", "rank", "neighbour", "score", "relevant"])
+
+
+def run_retrieve(
+    checkpoint: str | Path,
+    manifest: str | Path,
+    out: str | Path,
+    features: str | None = None,
+    embeddings: str | None = None,
+    text_column: str = "report",
+    label_column: str | None = None,
+    split: str | None = None,
+    tasks: list[str] | None = None,
+    backend: str = "exact",
+    qdrant_path: str | None = None,
+    qdrant_url: str | None = None,
+    k: int = 10,
+    queries: list[str] | None = None,
+    max_tiles: int | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    device: str = "auto",
+) -> dict[str, Any]:
+    """Run the retrieval tasks and write the outputs; returns {task: metrics} + provenance."""
+    seed_everything(seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model = SlideTextModel.from_checkpoint(checkpoint).to(pick_device(device))
+    df = read_manifest(manifest)
+    if split:
+        if "split" not in df:
+            raise ValueError(f"--split {split} given but {manifest} has no 'split' column")
+        df = df[df["split"].astype(str) == split].reset_index(drop=True)
+        if df.empty:
+            raise ValueError(f"manifest {manifest} has no rows with split == {split!r}")
+    if label_column and label_column not in df:
+        raise ValueError(f"manifest has no label column {label_column!r}")
+    tasks = list(tasks or [t for t in TASKS if t != "slide2slide" or label_column])
+    bad = [t for t in tasks if t not in TASKS]
+    if bad:
+        raise ValueError(f"unknown task(s) {bad}; choose from {', '.join(TASKS)}")
+    if "slide2slide" in tasks and not label_column:
+        raise ValueError("slide2slide needs --label-column (relevant = same diagnosis)")
+
+    slide_ids = df["slide_id"].astype(str).tolist()
+    slide_case = df["case_id"].astype(str).tolist()
+    diag = df[label_column].astype(str).tolist() if label_column else [""] * len(df)
+    dev = model.logit_scale.device
+    with torch.no_grad():
+        emb = slide_embeddings(model, slide_ids, features, embeddings, max_tiles, seed, True)
+        zs = model.encode_slide(embeddings=torch.from_numpy(emb).to(dev)).cpu().numpy()
+    need_reports = {"slide2report", "report2slide"} & set(tasks)
+    cases, case_rows = case_reports(df, text_column) if need_reports else ([], [])
+    reports = [first_report(df, r, text_column) for r in case_rows]
+    zt = model.embed_texts(reports).cpu().numpy() if reports else np.zeros((0, zs.shape[1]))
+
+    client = None
+    if backend == "qdrant" and not qdrant_url:
+        from qdrant_client import QdrantClient
+
+        qdrant_path = qdrant_path or str(out / "qdrant")
+        Path(qdrant_path).mkdir(parents=True, exist_ok=True)
+        client = QdrantClient(path=qdrant_path)
+    kw = {"qdrant_url": qdrant_url, "qdrant_client": client}
+    slide_payload = [
+        {"slide_id": s, "case_id": c, "diagnosis": d}
+        for s, c, d in zip(slide_ids, slide_case, diag)
+    ]
+    slide_index = build_index(backend, zs, slide_ids, slide_payload, collection="slides", **kw)
+    report_index = None
+    if reports:
+        case_diag = [diag[r[0]] for r in case_rows]
+        payload = [{"case_id": c, "diagnosis": d} for c, d in zip(cases, case_diag)]
+        report_index = build_index(backend, zt, cases, payload, collection="reports", **kw)
+
+    by_case: dict[str, set[str]] = {}
+    for s, c in zip(slide_ids, slide_case):
+        by_case.setdefault(c, set()).add(s)
+    results: dict[str, Any] = {}
+    max_depth = 1000  # MRR counts the first relevant item within this many results
+    for task in tasks:
+        depth = min(max_depth, len(cases) if task == "slide2report" else len(slide_ids))
+        depth = max(depth, 1)
+        if task == "slide2report":
+            qids, groups = slide_ids, slide_case
+            relevant = [{c} for c in slide_case]
+            ranked, scores = report_index.search(zs, depth)
+        elif task == "report2slide":
+            qids, groups = cases, cases
+            relevant = [by_case[c] for c in cases]
+            ranked, scores = slide_index.search(zt, depth)
+        else:
+            same = {}
+            for s, d in zip(slide_ids, diag):
+                same.setdefault(d, set()).add(s)
+            keep = [
+                i for i, (c, d) in enumerate(zip(slide_case, diag)) if same[d] - by_case[c]
+            ]  # queries with at least one same-label slide of another patient
+            qids = [slide_ids[i] for i in keep]
+            groups = [slide_case[i] for i in keep]
+            relevant = [same[diag[i]] - by_case[slide_case[i]] for i in keep]
+            exclude = [by_case[slide_case[i]] for i in keep]
+            ranked, scores = search_excluding(slide_index, zs[keep], depth, exclude)
+        metrics = retrieval_metrics(
+            ranked, relevant, ks=(1, 5, 10), groups=groups, n_boot=n_boot, seed=seed
+        )
+        results[task] = metrics
+        top = [r[:k] for r in ranked]
+        frame = _neighbours_frame(qids, top, scores, relevant)
+        with atomic_path(out / f"neighbours_{task}.csv") as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.6g")
+
+    if queries:
+        zq = model.embed_texts(list(queries)).cpu().numpy()
+        ranked, scores = slide_index.search(zq, k)
+        pos = {s: i for i, s in enumerate(slide_ids)}
+        rows = [
+            {"query": q, "rank": r + 1, "slide_id": s, "case_id": slide_case[pos[s]],
+             "diagnosis": diag[pos[s]], "score": float(scores[i][r])}
+            for i, q in enumerate(queries)
+            for r, s in enumerate(ranked[i])
+        ]  # fmt: skip
+        with atomic_path(out / "text_queries.csv") as tmp:
+            pd.DataFrame(rows).to_csv(tmp, index=False, float_format="%.6g")
+        results["text_queries"] = rows
+    if client is not None:
+        client.close()
+    prov = checkpoint_provenance(checkpoint, model)
+    info = {
+        "metrics": {t: results[t] for t in tasks},
+        "backend": backend,
+        "qdrant": qdrant_url or qdrant_path,
+        "num_slides": len(slide_ids),
+        "num_reports": len(reports),
+        "split": split,
+        "seed": seed,
+        "mrr_depth": max_depth,
+        **prov,
+    }
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=2, default=str))
+    return {**info, "text_queries": results.get("text_queries", [])}
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retrieve", help="slide<->report and slide->slide retrieval")
+    p.add_argument(
+        "--checkpoint", required=True, help="alignment checkpoint (<align out>/align.pt)"
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--features", help="folder of <slide_id>.h5 tile-feature files")
+    src.add_argument(
+        "--embeddings", help="slide-embedding H5 (same slide encoder as the checkpoint)"
+    )
+    p.add_argument("--manifest", required=True, help="CSV: slide_id, case_id, report (+ labels)")
+    p.add_argument("--text-column", default="report", help="report column (default report)")
+    p.add_argument("--label-column", help="diagnosis column: enables slide2slide, goes in payload")
+    p.add_argument("--split", help="only manifest rows of this split (e.g. test)")
+    p.add_argument("--task", nargs="+", choices=TASKS, help="tasks (default: all possible)")
+    p.add_argument("--backend", default="exact", choices=BACKENDS)
+    p.add_argument("--qdrant-path", help="local Qdrant folder (default <out>/qdrant)")
+    p.add_argument("--qdrant-url", help="Qdrant server URL instead of local mode")
+    p.add_argument("--k", type=int, default=10, help="neighbours written per query")
+    p.add_argument("--query", nargs="+", help="free-text queries: closest slides")
+    p.add_argument("--max-tiles", type=int, default=None, help="random tile subset per slide")
+    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the CIs")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0, help="random seed, recorded (default 0)")
+    p.set_defaults(func=run)
+
+
+def format_retrieval(metrics: dict[str, dict[str, float]], names=("recall@1", "recall@5",
+                     "recall@10", "mrr")) -> str:  # fmt: skip
+    return ", ".join(
+        f"{n} {metrics[n]['value']:.3f} [{metrics[n]['lo']:.3f}, {metrics[n]['hi']:.3f}]"
+        for n in names
+        if n in metrics
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    info = run_retrieve(
+        args.checkpoint,
+        args.manifest,
+        args.out,
+        features=args.features,
+        embeddings=args.embeddings,
+        text_column=args.text_column,
+        label_column=args.label_column,
+        split=args.split,
+        tasks=args.task,
+        backend=args.backend,
+        qdrant_path=args.qdrant_path,
+        qdrant_url=args.qdrant_url,
+        k=args.k,
+        queries=args.query,
+        max_tiles=args.max_tiles,
+        n_boot=args.n_boot,
+        seed=args.seed,
+        device=args.device,
+    )
+    rnd = " [RANDOM slide encoder]" if info["slide_encoder_weights"] == "random" else ""
+    print(f"retrieval ({info['backend']}) over {info['num_slides']} slides{rnd}:")
+    for task, m in info["metrics"].items():
+        print(f"  {task}: {format_retrieval(m)}")
+    for row in info["text_queries"]:
+        if row["rank"] == 1:
+            print(f"  query {row['query']!r} → {row['slide_id']} ({row['diagnosis']})")
+    return 0
