@@ -67,6 +67,11 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=True)
 
 
+def _hi(x: torch.Tensor) -> torch.Tensor:
+    """At least float32 (float64 stays float64, for exactness checks)."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def _needs_grad(*tensors: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -131,12 +136,12 @@ def full_attention(
 
 def _naive_full(q, k, v, grid, slopes, n_prefix, key_padding_mask):
     """Materialised float32 scores + bias: O(T²) memory, the reference for every other backend."""
-    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    scores = torch.matmul(_hi(q), _hi(k).transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if slopes is not None:
         scores = scores + alibi_2d_bias_block(grid, slopes, 0, q.shape[2], n_prefix)
     if key_padding_mask is not None:
         scores = scores.masked_fill(_safe_keys(key_padding_mask)[:, None, None, :], float("-inf"))
-    return torch.matmul(scores.softmax(-1), v.float()).to(v.dtype)
+    return torch.matmul(scores.softmax(-1), _hi(v)).to(v.dtype)
 
 
 def _block_bias(grid, slopes, s, e, n_prefix, key_padding_mask, shape, dtype):
@@ -240,12 +245,12 @@ def attention_with_lse(
     weights derived from it as constants in backward.
     """
     if backend == "naive":
-        scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) / math.sqrt(q.shape[-1])
+        scores = torch.matmul(_hi(q), _hi(k).transpose(-1, -2)) / math.sqrt(q.shape[-1])
         if key_padding_mask is not None:
             scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
         lse = torch.logsumexp(scores, dim=-1)
         probs = torch.exp(scores - lse.clamp(min=torch.finfo(torch.float32).min)[..., None])
-        out = torch.matmul(probs, v.float()).to(v.dtype)
+        out = torch.matmul(probs, _hi(v)).to(v.dtype)
         return out, lse.detach()
     safe = _safe_keys(key_padding_mask) if key_padding_mask is not None else None
     if backend == "sdpa":
@@ -278,10 +283,10 @@ def lse_blockwise(
     """log Σ_j exp(q·k_j/√Dh) over real keys, float32 [B, H, L], one query block at a time."""
     bsz, heads, n_q, dh = q.shape
     rows = _block_rows(n_q, bsz, heads, k.shape[2])
-    kf = k.float().transpose(-1, -2)
+    kf = _hi(k).transpose(-1, -2)
     out = []
     for s in range(0, n_q, rows):
-        scores = torch.matmul(q[:, :, s : s + rows].float(), kf) / math.sqrt(dh)
+        scores = torch.matmul(_hi(q[:, :, s : s + rows]), kf) / math.sqrt(dh)
         if key_padding_mask is not None:
             scores.masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
         out.append(torch.logsumexp(scores, dim=-1))

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from slidefm.models.attention import attention_with_lse, check_backend
+from slidefm.models.attention import _hi, attention_with_lse, check_backend
 
 
 def dilated_attention(
@@ -63,12 +63,12 @@ def dilated_attention(
             run_max = lse_b
             safe = _finite_or_zero(run_max)
             c = torch.exp(lse_b - safe)
-            acc, norm = out_b.float() * c[..., None], c
+            acc, norm = _hi(out_b) * c[..., None], c
             continue
         new_max = torch.maximum(run_max, lse_b)
         safe = _finite_or_zero(new_max)
         a, c = torch.exp(run_max - safe), torch.exp(lse_b - safe)
-        acc = acc * a[..., None] + out_b.float() * c[..., None]
+        acc = acc * a[..., None] + _hi(out_b) * c[..., None]
         norm = norm * a + c
         run_max = new_max
     out = acc / norm.clamp(min=torch.finfo(torch.float32).tiny)[..., None]
@@ -107,7 +107,7 @@ def _branch(
         pad = F.pad(padded, (0, fill), value=True).view(bsz, n_seg, w)
     group = math.ceil(heads / r)
     out = q.new_zeros(bsz, n_seg, w, heads, dh)
-    lse = q.new_full((bsz, n_seg, w, heads), float("-inf"), dtype=torch.float32)
+    lse = q.new_full((bsz, n_seg, w, heads), float("-inf"), dtype=_hi(q[:0]).dtype)
     for j in range(min(r, w)):
         h0, h1 = j * group, min((j + 1) * group, heads)
         if h0 >= heads:
