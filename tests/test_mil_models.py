@@ -59,12 +59,18 @@ class MaskedMeanEncoder(torch.nn.Module):
 def make(name):
     if name == "slide_encoder":
         return SlideEncoderMIL(MaskedMeanEncoder(), D, 3)
+    if name == "slide_encoder_tiny":  # the real 2D-ALiBi transformer
+        from slidefm.models.slide_encoder import SlideEncoder
+
+        return SlideEncoderMIL(SlideEncoder.from_config("tiny", input_dim=D), D, 3)
     if name == "transmil":
         return TransMIL(D, 3, dim=32, heads=4, num_landmarks=8)  # bags > 8 tiles use Nyström
     return build_mil_model(name, D, 3)
 
 
-@pytest.mark.parametrize("name", ["mean", "max", "abmil", "transmil", "slide_encoder"])
+@pytest.mark.parametrize(
+    "name", ["mean", "max", "abmil", "transmil", "slide_encoder", "slide_encoder_tiny"]
+)
 def test_padding_does_not_change_outputs(name):
     torch.manual_seed(0)
     model = make(name).eval()

@@ -422,3 +422,88 @@ def test_multilabel_training(tmp_path):
     from slidefm.eval.metrics import auroc
 
     assert auroc(preds["y_m1"].to_numpy(), preds["prob_m1"].to_numpy()) > 0.85
+
+
+def test_slide_encoder_model_from_config_and_checkpoint(tmp_path, capsys):
+    from slidefm.models.slide_encoder import SlideEncoder
+
+    manifest, feats = make_cohort(tmp_path, n_patients=12)
+    out = tmp_path / "se_random"
+    base = [
+        "mil",
+        "train",
+        "--manifest",
+        str(manifest),
+        "--features",
+        str(feats),
+        "--label",
+        "marker",
+        "--model",
+        "slide_encoder",
+        "--folds",
+        "0",
+        *FAST[:-4],
+        "--epochs",
+        "2",
+    ]
+    assert main([*base, "--slide-encoder", "tiny", "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert any("slide encoder 'tiny' is RANDOMLY INITIALISED" in n for n in res["notes"])
+    ckpt = tmp_path / "enc.pt"
+    SlideEncoder.from_config("tiny", input_dim=D).save_checkpoint(ckpt)
+    out2 = tmp_path / "se_ckpt"
+    assert main([*base, "--slide-encoder", str(ckpt), "--finetune", "--out", str(out2)]) == 0
+    res2 = json.loads((out2 / "results.json").read_text())
+    assert (
+        not any("slide encoder" in n for n in res2["notes"])
+        and res2["config"]["freeze_encoder"] is False
+    )
+    fold_model = out2 / "seed0" / "fold0" / "model.pt"
+    ckpt.unlink()  # the MIL checkpoint is self-contained
+    pred = tmp_path / "p.csv"
+    assert (
+        main(
+            [
+                "mil",
+                "predict",
+                "--checkpoint",
+                str(fold_model),
+                "--manifest",
+                str(manifest),
+                "--features",
+                str(feats),
+                "--out",
+                str(pred),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    test_ids = pd.read_csv(manifest).query("split == 'test'")["slide_id"]
+    oof = pd.read_csv(out2 / "predictions.csv").set_index("slide_id").loc[test_ids, "prob_pos"]
+    np.testing.assert_allclose(
+        pd.read_csv(pred).set_index("slide_id").loc[test_ids, "prob_pos"], oof, rtol=1e-5
+    )
+    sid = test_ids.iloc[0]
+    assert (
+        main(
+            [
+                "heatmap",
+                "--features",
+                str(feats / f"{sid}.h5"),
+                "--checkpoint",
+                str(fold_model),
+                "--out",
+                str(tmp_path / "hm"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        json.loads((tmp_path / "hm" / f"{sid}_heatmap.json").read_text())["score"] == "grad_x_input"
+    )
+    wrong = tmp_path / "enc16.pt"
+    SlideEncoder.from_config("tiny", input_dim=16).save_checkpoint(wrong)
+    capsys.readouterr()
+    assert main([*base, "--slide-encoder", str(wrong), "--out", str(tmp_path / "bad")]) == 2
+    assert "16-d tile features" in capsys.readouterr().err

@@ -388,15 +388,30 @@ def save_mil_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]
     return path
 
 
-def build_slide_encoder(spec: str) -> tuple[nn.Module, str]:
+def build_slide_encoder(spec: str, in_dim: int) -> tuple[nn.Module, str]:
     """A slide encoder from a checkpoint file or a config name → (encoder, weights), where
-    ``weights`` is the checkpoint path or ``"random"`` (config only: random initialisation)."""
+    ``weights`` is the checkpoint path or ``"random"`` (config only: random initialisation,
+    with ``input_dim`` set to the tile-feature width ``in_dim``)."""
     from slidefm.models.slide_encoder import SlideEncoder
 
     weights = slide_encoder_weights(spec)
-    if weights != "random":
-        return SlideEncoder.from_checkpoint(spec), weights
-    return SlideEncoder.from_config(spec), weights
+    if weights == "random":
+        return SlideEncoder.from_config(spec, input_dim=in_dim), weights
+    enc = SlideEncoder.from_checkpoint(spec)
+    if enc.config.input_dim != in_dim:
+        raise ValueError(
+            f"slide encoder {spec} takes {enc.config.input_dim}-d tile features but these are "
+            f"{in_dim}-d; use features from the tile encoder it was pretrained on"
+        )
+    return enc, weights
+
+
+def slide_encoder_from_config_dict(config: dict[str, Any]) -> nn.Module:
+    """The architecture recorded in a MIL checkpoint (weights come from its state_dict)."""
+    from slidefm.config import from_dict
+    from slidefm.models.slide_encoder import SlideEncoder, SlideEncoderConfig
+
+    return SlideEncoder(from_dict(SlideEncoderConfig, config))
 
 
 def slide_encoder_weights(spec: str) -> str:
@@ -420,8 +435,8 @@ def load_mil_checkpoint(
     meta = ckpt["meta"]
     encoder = None
     if meta["model"] == "slide_encoder":
-        # The architecture comes from the config; all weights (encoder included) from state_dict.
-        encoder, _ = build_slide_encoder(meta["slide_encoder"]["spec"])
+        # The recorded architecture; all weights (encoder included) come from state_dict.
+        encoder = slide_encoder_from_config_dict(meta["slide_encoder"]["config"])
     model = build_mil_model(
         meta["model"], meta["in_dim"], meta["num_classes"], encoder=encoder, **meta["model_kwargs"]
     )

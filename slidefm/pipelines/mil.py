@@ -272,7 +272,7 @@ def _build_model(
     encoder, enc_weights = None, None
     kwargs = dict(cfg.model_kwargs)
     if cfg.model == "slide_encoder":
-        encoder, enc_weights = build_slide_encoder(cfg.slide_encoder)
+        encoder, enc_weights = build_slide_encoder(cfg.slide_encoder, in_dim)
         kwargs["freeze"] = cfg.freeze_encoder
     return (
         build_mil_model(cfg.model, in_dim, num_classes, encoder=encoder, **kwargs),
@@ -406,7 +406,11 @@ def train_fold(
         "best_epoch": es["best_epoch"],
         "epochs_run": len(es["history"]),
         "val": es.get("best_metrics", {}),
-        "slide_encoder": {"spec": cfg.slide_encoder, "weights": enc_weights}
+        "slide_encoder": {
+            "spec": cfg.slide_encoder,
+            "weights": enc_weights,
+            "config": dataclasses.asdict(model.encoder.config),
+        }
         if cfg.model == "slide_encoder"
         else None,
     }
