@@ -23,6 +23,7 @@ PIPELINES = [
     "align",
     "zero_shot",
     "retrieve",
+    "synth",
 ]
 
 
