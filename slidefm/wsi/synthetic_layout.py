@@ -102,9 +102,8 @@ def _base_layout(rng: np.random.Generator, rows: int, cols: int, bag: int):
 
     dist = _chebyshev_distance(mass)
     free = (layout == STROMA).ravel()
-    n_near = int(np.sum(free & (dist.ravel() == 1)))
     n_far = int(np.sum(free & (dist.ravel() >= 2)))
-    if n_near < n_immune or n_far < n_immune:
+    if n_far < n_immune:  # (the near placement is always possible: free ≥ far)
         return None
     return layout, n_immune, dist
 
@@ -115,11 +114,13 @@ def slide_layout(
     """Cell-type layout (rows, cols) int8 of one slide with the given biomarker labels.
 
     Draws base layouts until one admits both immune placements (see module doc), then puts
-    ``n_immune`` immune cells on random stroma cells touching the tumour mass (8-neighbourhood)
-    when ``spatial`` is 1, or on the stroma cells farthest from it (distance ≥ 2) when 0.
+    ``n_immune`` immune cells on the stroma cells nearest the tumour mass when ``spatial`` is 1
+    (random cells of the ring touching it, 8-neighbourhood; the next ring only if that ring is
+    too small, which happens on grids larger than about 20 cells), or on the stroma cells
+    farthest from it (distance ≥ 2) when 0.
     """
-    if rows < 5 or cols < 5:
-        raise ValueError(f"a synthetic slide needs at least 5×5 cells, got {rows}×{cols}")
+    if rows < 6 or cols < 6:
+        raise ValueError(f"a synthetic slide needs at least 6×6 cells, got {rows}×{cols}")
     for _ in range(1000):
         base = _base_layout(rng, rows, cols, bag)
         if base is not None:
@@ -129,12 +130,9 @@ def slide_layout(
     layout, n_immune, dist = base
     free = np.flatnonzero(layout.ravel() == STROMA)
     dfree = dist.ravel()[free]
-    if spatial:
-        pick = rng.permutation(free[dfree == 1])[:n_immune]
-    else:
-        # Farthest first, ties broken at random: a compact aggregate away from the tumour.
-        key = -dfree + rng.uniform(0, 0.99, size=len(free))
-        pick = free[np.argsort(key, kind="stable")[:n_immune]]
+    # Nearest (positive) or farthest (negative) first, ties broken at random.
+    key = (dfree if spatial else -dfree) + rng.uniform(0, 0.99, size=len(free))
+    pick = free[np.argsort(key, kind="stable")[:n_immune]]
     layout.flat[pick] = IMMUNE
     return layout
 

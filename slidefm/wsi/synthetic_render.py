@@ -292,13 +292,22 @@ def _stain_lut(stain: Stain) -> np.ndarray:
 
 def _pen_marks(rng: np.random.Generator, layout: np.ndarray, p: int) -> tuple[np.ndarray, tuple]:
     """Boolean (H, W) mask of 1–3 thick curved ink strokes on glass away from tissue cells,
-    and the ink RGB colour (saturated blue, green or near-black)."""
+    and the ink RGB colour (saturated blue, green or near-black).
+
+    Allowed: glass farther than 5/8 of a cell (160 px = 80 µm at P = 256) from any tissue cell,
+    so a tissue detector's morphological closing never bridges ink and tissue. Strokes start
+    on allowed glass and are clipped to it.
+    """
     rows, cols = layout.shape
+    sub = p / 8  # px per fine-grid step
+    fine = np.repeat(np.repeat(layout != BACKGROUND, 8, 0), 8, 1)
+    far = ndimage.distance_transform_edt(~fine) > 5
     mask = np.zeros((rows * p, cols * p), dtype=bool)
-    bg = np.argwhere(layout == BACKGROUND)
+    starts = np.argwhere(far)
+    if len(starts) == 0:
+        return mask, (0, 0, 0)
     for _ in range(rng.integers(1, 4)):
-        r0, c0 = bg[rng.integers(len(bg))]
-        start = np.array([(r0 + rng.random()) * p, (c0 + rng.random()) * p])
+        start = (starts[rng.integers(len(starts))] + rng.random(2)) * sub
         ang = rng.uniform(0, 2 * np.pi)
         length = rng.uniform(1.0, 3.0) * p
         bend = rng.normal(0, 0.8)
@@ -308,17 +317,10 @@ def _pen_marks(rng: np.random.Generator, layout: np.ndarray, p: int) -> tuple[np
             y, x = start + t * length * np.array([np.sin(a), np.cos(a)])
             rr, cc = disk((y, x), radius, shape=mask.shape)
             mask[rr, cc] = True
-    # Allowed: glass farther than 5/8 of a cell (160 px = 80 µm at P = 256) from any tissue
-    # cell, so a tissue detector's morphological closing never bridges ink and tissue.
-    sub = max(1, p // 8)
-    fine = np.repeat(np.repeat(layout != BACKGROUND, 8, 0), 8, 1)
-    far = ndimage.distance_transform_edt(~fine) > 5
-    bg_px = np.repeat(np.repeat(far, sub, 0), sub, 1)
-    bg_px = np.pad(
-        bg_px, ((0, mask.shape[0] - bg_px.shape[0]), (0, mask.shape[1] - bg_px.shape[1]))
-    )
+    yy = (np.arange(rows * p) // sub).astype(int)
+    xx = (np.arange(cols * p) // sub).astype(int)
     colours = ((35, 60, 170), (30, 125, 70), (30, 30, 35))
-    return mask & bg_px, colours[rng.integers(len(colours))]
+    return mask & far[yy[:, None], xx[None, :]], colours[rng.integers(len(colours))]
 
 
 def render_slide(
