@@ -241,3 +241,15 @@ def test_wrong_feature_width_is_explained():
     enc = tiny()
     with pytest.raises(ValueError, match="input_dim"):
         enc(torch.zeros(1, 3, D + 1), torch.zeros(1, 3, 2, dtype=torch.long))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["alibi_regs_mean", "longnet"])
+def test_flex_equals_naive_inference(arch):
+    """FlexAttention computes the ALiBi bias inside score_mod (CPU: compiled, inference only)."""
+    ref_enc, enc = build(arch), build(arch, backend="flex")
+    feats, grid, pad = batch([120, 77])
+    with torch.no_grad():
+        torch.testing.assert_close(
+            enc(feats, grid, pad), ref_enc(feats, grid, pad), atol=1e-5, rtol=1e-5
+        )

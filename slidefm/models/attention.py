@@ -64,7 +64,7 @@ def _xformers_ops():
 def _compiled_flex():
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention, dynamic=True)
+    return torch.compile(flex_attention)
 
 
 def _hi(x: torch.Tensor) -> torch.Tensor:
@@ -198,14 +198,42 @@ def _blockwise_full(q, k, v, grid, slopes, n_prefix, key_padding_mask, block_siz
     return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
 
 
+def _cpu_flex_length(total: int) -> int:
+    """Sequence length FlexAttention runs at on CPU: the next power of two ≥ 64.
+
+    torch 2.14's CPU FlexAttention C++ codegen fails ("cur_kvSplitSize4 was not declared")
+    once the sequence length becomes a symbolic (dynamic) size, and lengths that are not a
+    multiple of 64 fail too. Static power-of-two buckets avoid both and bound recompiles
+    (one ~10-30 s compile per bucket) at ≤ 2× the work.
+    """
+    return max(64, 1 << (total - 1).bit_length())
+
+
 def _flex(q, k, v, grid, slopes, n_prefix, key_padding_mask, return_lse=False):
     """FlexAttention with the ALiBi bias and padding computed per score inside ``score_mod``."""
     _check_flex(q, k, v)
-    pad = _safe_keys(key_padding_mask) if key_padding_mask is not None else None
+    total = q.shape[2]
+    cpu = q.device.type == "cpu"
+    extra = _cpu_flex_length(total) - total if cpu else 0
+    if extra:  # see _cpu_flex_length: pad, mask the extra keys, slice the extra queries off
+        q, k, v = (F.pad(x, (0, 0, 0, extra)) for x in (q, k, v))
+        if key_padding_mask is None:
+            key_padding_mask = torch.zeros(q.shape[0], total, dtype=torch.bool, device=q.device)
+        key_padding_mask = F.pad(key_padding_mask, (0, extra), value=True)
+        if grid is not None:
+            grid = F.pad(grid, (0, 0, 0, extra))
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    pad = _safe_keys(key_padding_mask).contiguous() if key_padding_mask is not None else None
     if slopes is not None:
         g = grid.to(torch.float32)
         gx, gy = g[..., 0].contiguous(), g[..., 1].contiguous()
         sl = slopes.to(device=q.device, dtype=torch.float32)
+    if cpu:  # a symbolic sequence length hits the codegen bug: keep it static per bucket
+        for t in (q, k, v):
+            torch._dynamo.mark_static(t, 2)
+        for t in (pad, *((gx, gy) if slopes is not None else ())):
+            if t is not None:
+                torch._dynamo.mark_static(t, 1)
 
     def score_mod(score, b, h, q_idx, kv_idx):
         if slopes is not None:
@@ -224,7 +252,7 @@ def _flex(q, k, v, grid, slopes, n_prefix, key_padding_mask, return_lse=False):
         out, lse = fa(q, k, v, score_mod=score_mod, return_lse=True)
         return out, lse.float()
     out = fa(q, k, v, score_mod=score_mod)
-    return out, None
+    return out[:, :, :total], None
 
 
 # ------------------------------------------------------------- attention with normaliser (LongNet)
