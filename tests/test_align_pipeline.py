@@ -91,8 +91,10 @@ def aligned(cohort, tmp_path_factory):
     manifest, _, h5 = cohort
     out = tmp_path_factory.mktemp("align")
     args = ["align", "--config", "tiny", "--embeddings", str(h5), "--manifest", str(manifest)]
-    sets = ["train.max_steps=100", "train.progress=false", "data.batch_size=16",
-            "train.eval_every=50", "train.ckpt_every=50"]  # fmt: skip
+    sets = ["train.max_steps=80", "train.progress=false", "data.batch_size=16",
+            "train.eval_every=40", "train.ckpt_every=40", "model.embed_dim=32",
+            "model.text.width=32", "model.text.heads=2", "model.text.output_dim=32",
+            "model.text.context_length=48"]  # fmt: skip
     rc = main(args + ["--out", str(out), "--seed", "1"] + [x for s in sets for x in ("--set", s)])
     assert rc == 0
     return out
@@ -100,7 +102,7 @@ def aligned(cohort, tmp_path_factory):
 
 def test_align_outputs_and_no_test_patients(aligned, cohort):
     info = json.loads((aligned / "run_config.json").read_text())
-    assert info["seed"] == 1 and info["steps"] == 100 and info["tokenizer_trained_here"]
+    assert info["seed"] == 1 and info["steps"] == 80 and info["tokenizer_trained_here"]
     manifest = pd.read_csv(cohort[0])
     assert info["num_train_cases"] == manifest[manifest.split == "train"].case_id.nunique()
     rows = pd.read_csv(aligned / "metrics.csv")
@@ -112,6 +114,7 @@ def test_align_outputs_and_no_test_patients(aligned, cohort):
     assert model.checkpoint_extra["seed"] == 1
 
 
+@pytest.mark.slow
 def test_zero_shot_and_retrieval_learn_the_toy_task(aligned, cohort, tmp_path):
     manifest, _, h5 = cohort
     ckpt = str(aligned / "align.pt")
@@ -146,6 +149,7 @@ def test_zero_shot_and_retrieval_learn_the_toy_task(aligned, cohort, tmp_path):
     assert (tmp_path / "ret_qdrant" / "qdrant").is_dir()
 
 
+@pytest.mark.slow
 def test_features_mode_partial_encoder_resumes_exactly(cohort, tmp_path):
     manifest, feats, _ = cohort
     over = FAST + ["slide_encoder=random:tiny", "model.slide_trainable=partial",

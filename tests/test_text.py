@@ -36,6 +36,12 @@ def tok_path(reports, tmp_path_factory):
     return train_tokenizer(reports[0], 1200, tmp_path_factory.mktemp("tok") / "tok.model", seed=0)
 
 
+@pytest.fixture(scope="module")
+def cased_path(reports, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tok") / "cased.model"
+    return train_tokenizer(reports[0], 1200, out, seed=0, lowercase=False)
+
+
 @pytest.mark.parametrize(
     "raw, clean",
     [
@@ -49,6 +55,11 @@ def tok_path(reports, tmp_path_factory):
         ('labeled "XXX, omentum"', f'labeled "{DEID_TOKEN}, omentum"'),
         ("(No XXX/XXX).", f"(No {DEID_TOKEN})."),
         ("seen by [REDACTED] on ***", f"seen by {DEID_TOKEN} on {DEID_TOKEN}"),
+        (
+            "Accession #: SP-[ID]. Hospital: [INSTITUTION]",
+            f"Accession #: SP-{DEID_TOKEN}. Hospital: {DEID_TOKEN}",
+        ),  # fmt: skip
+        ("[FIGO] stage [IB]", "[FIGO] stage [IB]"),  # bracketed content is not a placeholder
         ("<Resident Signature> Date: (MM/DD/YYYY)", f"{DEID_TOKEN} Date: {DEID_TOKEN}"),
         # OCR noise; "~60%" (approximately) is content and kept
         ("Right|breast ~oeration", "Right breast oeration"),
@@ -69,17 +80,25 @@ def test_clean_report_idempotent_on_real_reports(reports):
         assert "  " not in c and c == c.strip()
 
 
-def test_roundtrip_on_unseen_real_reports(tok_path, reports):
-    tok = ReportTokenizer(tok_path, context_length=64)
+def test_roundtrip_on_unseen_real_reports(cased_path, tok_path, reports):
+    cased = ReportTokenizer(cased_path, context_length=64)
+    lower = ReportTokenizer(tok_path, context_length=64)
+    assert not cased.lowercase and lower.lowercase
     for t in reports[1] + reports[0][:20]:
-        assert tok.sp.decode(tok.pieces(t)) == clean_report(t)
-    short = "Lung, left upper lobe: invasive adenocarcinoma, acinar pattern (2.1 cm)."
-    assert tok.decode(tok.encode(short)[0]) == clean_report(short)
+        assert cased.sp.decode(cased.pieces(t)) == clean_report(t)
+        want = clean_report(t).lower().replace("[deid]", DEID_TOKEN)
+        assert lower.sp.decode(lower.pieces(t)) == want
+    short = "Lung, LEFT upper lobe: invasive adenocarcinoma, acinar pattern (2.1 cm)."
+    assert cased.decode(cased.encode(short)[0]) == clean_report(short)
+    assert lower.decode(lower.encode(short)[0]) == clean_report(short).lower()
+    assert lower.pieces("SMALL CELL Carcinoma") == lower.pieces("small cell carcinoma")
 
 
-def test_tokenizer_is_deterministic(reports, tok_path, tmp_path):
+def test_tokenizer_is_deterministic(reports, tok_path, cased_path, tmp_path):
     again = train_tokenizer(reports[0], 1200, tmp_path / "again.model", seed=0)
     assert again.read_bytes() == tok_path.read_bytes()
+    again = train_tokenizer(reports[0], 1200, tmp_path / "cased.model", seed=0, lowercase=False)
+    assert again.read_bytes() == cased_path.read_bytes()
 
 
 def test_fixed_length_layout_and_truncation(tok_path, reports):

@@ -9,8 +9,10 @@ Pipeline (every step deterministic):
    repeated full stops, stray ``| ~ ^``, spaced hyphens), every de-identification placeholder
    (``XXX``, ``[REDACTED]``, ``<name>``, ``***``) → one token ``[DEID]``, single spaces.
 2. ``train_tokenizer``: SentencePiece unigram model on cleaned reports, split into sentences
-   (SentencePiece drops lines longer than ``max_sentence_length``). Identity normalisation and
-   byte fallback, so ``decode(encode(x)) == clean_report(x)`` for any text.
+   (SentencePiece drops lines longer than ``max_sentence_length``), lower-cased by default
+   (reports write one finding as "SMALL CELL CARCINOMA" or "small cell carcinoma"; a lower-case
+   model carries the marker piece ``<lowercase>``). Identity normalisation and byte fallback,
+   so ``decode(encode(x)) == clean_report(x)`` (lower-cased for a lower-case model) for any x.
 3. ``ReportTokenizer``: ids of fixed length ``context_length`` = [BOS] pieces [EOS] [PAD]...
    Long reports are **truncated** (the first ``context_length - 2`` pieces are kept: reports
    open with the diagnosis far more often than they end with it) or, with
@@ -45,15 +47,20 @@ from slidefm.io.atomic import atomic_path
 log = logging.getLogger(__name__)
 
 DEID_TOKEN = "[DEID]"
+LOWERCASE_MARKER = "<lowercase>"  # a piece only in models trained on lower-cased text
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 # -- cleaning ------------------------------------------------------------------------------
+_PLACEHOLDER_WORDS = (
+    r"redacted|removed|deid|de-identified|name|patient(?: name)?|date|dob|mrn|id|accession"
+    r"|age|address|phone|institution|hospital|location|physician|doctor|pathologist"
+    r"|(?:resident )?signature"
+)
 _DEID_PATTERNS = [
     r"\b[Xx]{3,}\b",  # XXX, xxxxxxxx
     r"\*{3,}",  # ***
-    r"\[\s*(?:redacted|removed|name|patient(?: name)?|date|mrn|dob|id|deid|de-identified)\s*\]",
-    r"<\s*(?:redacted|removed|name|patient(?: name)?|date|mrn|dob|id|resident signature"
-    r"|signature|physician)\s*>",
+    rf"\[\s*(?:{_PLACEHOLDER_WORDS})\s*\]",
+    rf"<\s*(?:{_PLACEHOLDER_WORDS})\s*>",
     r"\((?:MM|DD|YY|YYY|YYYY)(?:/(?:MM|DD|YY|YYY|YYYY)){1,2}\)",  # (MM/DD/YYYY) form masks
 ]
 _DEID_RE = re.compile("|".join(f"(?:{p})" for p in _DEID_PATTERNS), re.IGNORECASE)
@@ -104,6 +111,11 @@ def clean_report(text: str, deid_token: str = DEID_TOKEN) -> str:
     return t
 
 
+def lowercase_report(text: str) -> str:
+    """Lower-case a cleaned report, keeping the ``[DEID]`` token as it is."""
+    return text.lower().replace(DEID_TOKEN.lower(), DEID_TOKEN)
+
+
 def split_sentences(text: str, max_chars: int = 2000) -> list[str]:
     """Cleaned text → sentence-like pieces (split after ``. `` / ``; ``), each ≤ ``max_chars``.
 
@@ -135,6 +147,7 @@ def train_tokenizer(
     num_threads: int = 1,
     clean: bool = True,
     hard_vocab_limit: bool = True,
+    lowercase: bool = True,
 ) -> Path:
     """Train a SentencePiece model on report texts and write ``out_path`` (``.model``) atomically.
 
@@ -146,7 +159,9 @@ def train_tokenizer(
     so it is recorded with the model by the CLI. Ids: pad 0, unk 1, bos 2, eos 3; ``[DEID]`` is a single user-defined piece; byte
     fallback means no character is ever unknown (the 256 byte pieces count in ``vocab_size``).
     ``hard_vocab_limit=False`` lets a small corpus yield fewer pieces than asked for instead of
-    failing.
+    failing. ``lowercase`` (default; reports mix upper- and lower-case for the same finding)
+    trains on lower-cased text and marks the model with the piece ``<lowercase>``, so
+    ``ReportTokenizer`` lower-cases its inputs too.
     """
     import sentencepiece as spm
 
@@ -154,7 +169,8 @@ def train_tokenizer(
         raise ValueError(f"vocab_size must be >= 16, got {vocab_size}")
     sentences = []
     for t in texts:
-        sentences.extend(split_sentences(clean_report(t) if clean else str(t)))
+        t = clean_report(t) if clean else str(t)
+        sentences.extend(split_sentences(lowercase_report(t) if lowercase else t))
     if not sentences:
         raise ValueError("no report text to train the tokenizer on (all texts empty?)")
     if len(sentences) > input_sentence_size:
@@ -178,7 +194,7 @@ def train_tokenizer(
             unk_id=UNK_ID,
             bos_id=BOS_ID,
             eos_id=EOS_ID,
-            user_defined_symbols=[DEID_TOKEN],
+            user_defined_symbols=[DEID_TOKEN] + ([LOWERCASE_MARKER] if lowercase else []),
             input_sentence_size=0,  # 0 = all (subsampled above, deterministically)
             shuffle_input_sentence=False,
             max_sentence_length=8192,
@@ -234,6 +250,7 @@ class ReportTokenizer:
         self.sp = spm.SentencePieceProcessor(model_proto=self.model_bytes)
         self.context_length = int(context_length)
         self.clean = clean
+        self.lowercase = self.sp.piece_to_id(LOWERCASE_MARKER) != self.sp.unk_id()
         for name, want in (("pad", PAD_ID), ("bos", BOS_ID), ("eos", EOS_ID)):
             got = getattr(self.sp, f"{name}_id")()
             if got != want:
@@ -256,9 +273,15 @@ class ReportTokenizer:
     def sha256(self) -> str:
         return hashlib.sha256(self.model_bytes).hexdigest()
 
+    def normalize(self, text: str) -> str:
+        """The text the pieces spell: cleaned, and lower-cased for a lower-case model.
+        ``decode(encode(x)) == normalize(x)`` when x fits the context."""
+        t = clean_report(text) if self.clean else text
+        return lowercase_report(t) if self.lowercase else t
+
     def pieces(self, text: str) -> list[int]:
         """Piece ids of one text, without BOS/EOS and without truncation."""
-        return list(self.sp.encode(clean_report(text) if self.clean else text))
+        return list(self.sp.encode(self.normalize(text)))
 
     def _wrap(self, ids: Sequence[int]) -> list[int]:
         body = list(ids)[: self.context_length - 2]

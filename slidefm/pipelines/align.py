@@ -115,14 +115,21 @@ def first_report(df: pd.DataFrame, rows: list[int], text_column: str) -> str:
     return vals[0] if vals else ""
 
 
-def load_slide_encoder(spec: str) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(encoder, provenance) from a checkpoint path or ``random:<config>`` (recorded as such)."""
+def load_slide_encoder(
+    spec: str, input_dim: int | None = None
+) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """(encoder, provenance) from a checkpoint path or ``random:<config>`` (recorded as such).
+
+    A random encoder takes ``input_dim`` from the tile features (as ``pretrain`` does with
+    ``match_input_dim``), so the ablation has exactly the pretrained architecture.
+    """
     from slidefm.models.slide_encoder import SlideEncoder
 
     if spec.startswith(RANDOM_PREFIX):
         name = spec[len(RANDOM_PREFIX) :]
         log.warning("RANDOM WEIGHTS: the slide encoder %r is untrained (ablation)", name)
-        return SlideEncoder.from_config(name), {
+        kw = {"input_dim": int(input_dim)} if input_dim else {}
+        return SlideEncoder.from_config(name, **kw), {
             "slide_encoder": spec,
             "slide_encoder_weights": "random",
             "slide_encoder_sha256": "random",
@@ -245,7 +252,13 @@ def run_align(
     seed_everything(seed)  # a random:<config> encoder and the heads are drawn from the seed
     enc, enc_info = (None, {"slide_encoder": "none (precomputed embeddings)"})
     if cfgd["slide_encoder"]:
-        enc, enc_info = load_slide_encoder(cfgd["slide_encoder"])
+        in_dim = None
+        if features is not None:
+            first = FeatureBagDataset(
+                features, slide_ids=train_df["slide_id"].astype(str).tolist()[:1]
+            )
+            in_dim = int(first.slide(0).features.shape[1])
+        enc, enc_info = load_slide_encoder(cfgd["slide_encoder"], in_dim)
     elif features is not None:
         raise ValueError(
             "--features needs a slide encoder: --slide-encoder <pretrain out>/encoder.pt "

@@ -8,6 +8,11 @@ Tasks (``--task``, default all that the inputs allow):
 - ``slide2slide`` (needs ``--label-column``): each slide queries the other patients' slides
   (itself and its own patient's slides are excluded); relevant = slides with the same label.
 
+With ``--label-column``, slide2report and report2slide are also scored with a looser relevance,
+``<task>_same_diagnosis``: any report (slide) of the same diagnosis counts. The strict scores
+are bounded by what the slide can show: facts in a report that are not in the pixels (organ,
+size, margins, nodes) make same-diagnosis reports indistinguishable from the slide.
+
 Outputs in ``--out``: ``metrics.json`` (Recall@1/5/10, MRR, mAP@K with patient-bootstrap 95%
 CIs, per task), ``neighbours_<task>.csv`` (top-k per query), and with ``--query`` the slides
 closest to each free-text query (``text_queries.csv``). With ``--backend qdrant`` the
@@ -164,6 +169,15 @@ def run_retrieve(
             ranked, relevant, ks=(1, 5, 10), groups=groups, n_boot=n_boot, seed=seed
         )
         results[task] = metrics
+        if label_column and task != "slide2slide":  # looser: any item of the same diagnosis
+            if task == "slide2report":
+                lab = {c: diag[r[0]] for c, r in zip(cases, case_rows)}
+                rel = [{c for c in cases if lab[c] == d} for d in diag]
+            else:
+                rel = [{s for s, d in zip(slide_ids, diag) if d == diag[r[0]]} for r in case_rows]
+            results[f"{task}_same_diagnosis"] = retrieval_metrics(
+                ranked, rel, ks=(1, 5, 10), groups=groups, n_boot=n_boot, seed=seed
+            )
         top = [r[:k] for r in ranked]
         frame = _neighbours_frame(qids, top, scores, relevant)
         with atomic_path(out / f"neighbours_{task}.csv") as tmp:
@@ -186,7 +200,7 @@ def run_retrieve(
         client.close()
     prov = checkpoint_provenance(checkpoint, model)
     info = {
-        "metrics": {t: results[t] for t in tasks},
+        "metrics": {t: m for t, m in results.items() if t != "text_queries"},
         "backend": backend,
         "qdrant": qdrant_url or qdrant_path,
         "num_slides": len(slide_ids),

@@ -43,18 +43,20 @@ def run_train_tokenizer(
     seed: int = 0,
     num_threads: int = 1,
     max_reports: int | None = None,
+    lowercase: bool = True,
 ) -> dict:
     """Train, write ``out`` and its ``.json`` sidecar; returns the sidecar's content."""
     texts = read_report_texts(reports, text_column)
     if max_reports:
         texts = texts[:max_reports]
     out = Path(out)
-    train_tokenizer(texts, vocab_size, out, seed=seed, num_threads=num_threads)
+    train_tokenizer(texts, vocab_size, out, seed=seed, num_threads=num_threads, lowercase=lowercase)
     tok = ReportTokenizer(out)
     info = {
         "tokenizer": str(out),
         "sha256": tok.sha256,
         "vocab_size": tok.vocab_size,
+        "lowercase": tok.lowercase,
         "seed": seed,
         "num_threads": num_threads,
         "num_reports": len(texts),
@@ -76,6 +78,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size (8000)")
     p.add_argument("--out", required=True, help="output .model file (a .json sidecar is added)")
     p.add_argument("--num-threads", type=int, default=1, help="SentencePiece threads (1)")
+    p.add_argument("--cased", action="store_true", help="keep upper/lower case (default: lower)")
     p.add_argument("--max-reports", type=int, default=None, help="use the first N reports only")
     p.add_argument("--seed", type=int, default=0, help="random seed, recorded (default 0)")
     p.set_defaults(func=run)
@@ -90,6 +93,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         num_threads=args.num_threads,
         max_reports=args.max_reports,
+        lowercase=not args.cased,
     )
     print(
         f"tokenizer {info['tokenizer']}: {info['vocab_size']} pieces from {info['num_reports']} "
