@@ -53,14 +53,15 @@ def alibi_2d_bias_block(
     total = n_prefix + n_tiles
     heads = slopes.shape[0]
     g = grid.to(torch.float32)
-    out = torch.zeros(bsz, heads, q_end - q_start, total, dtype=torch.float32, device=grid.device)
+    out = torch.empty(bsz, heads, q_end - q_start, total, dtype=torch.float32, device=grid.device)
     t0 = max(q_start, n_prefix)  # first tile row in the block
+    out[:, :, : t0 - q_start] = 0.0  # prefix rows
+    out[:, :, :, :n_prefix] = 0.0  # prefix columns
     if t0 < q_end:
-        gq = g[:, t0 - n_prefix : q_end - n_prefix]  # [B, bq_tiles, 2]
-        dx = gq[:, :, None, 0] - g[:, None, :, 0]
-        dy = gq[:, :, None, 1] - g[:, None, :, 1]
-        dist = torch.sqrt(dx * dx + dy * dy)  # [B, bq_tiles, N]
-        del dx, dy
+        # Exact pairwise distances (cdist's matmul shortcut would round them): [B, bq_tiles, N].
+        dist = torch.cdist(
+            g[:, t0 - n_prefix : q_end - n_prefix], g, compute_mode="donot_use_mm_for_euclid_dist"
+        )
         slopes32 = slopes.to(device=grid.device, dtype=torch.float32)
         torch.mul(
             dist[:, None], -slopes32[None, :, None, None], out=out[:, :, t0 - q_start :, n_prefix:]
