@@ -199,14 +199,15 @@ def _blockwise_full(q, k, v, grid, slopes, n_prefix, key_padding_mask, block_siz
 
 
 def _cpu_flex_length(total: int) -> int:
-    """Sequence length FlexAttention runs at on CPU: the next power of two ≥ 64.
+    """Sequence length FlexAttention runs at on CPU: ``total`` rounded up to a bucket.
 
     torch 2.14's CPU FlexAttention C++ codegen fails ("cur_kvSplitSize4 was not declared")
-    once the sequence length becomes a symbolic (dynamic) size, and lengths that are not a
-    multiple of 64 fail too. Static power-of-two buckets avoid both and bound recompiles
-    (one ~10-30 s compile per bucket) at ≤ 2× the work.
+    once the sequence length becomes a symbolic (dynamic) size, and on some lengths that are
+    not a multiple of 64. So lengths stay static and are rounded up to multiples of 64 with
+    four buckets per octave (≤ 25 % extra length): one ~10-30 s compile per bucket.
     """
-    return max(64, 1 << (total - 1).bit_length())
+    step = max(64, 1 << max(0, (total - 1).bit_length() - 3))
+    return -(-total // step) * step
 
 
 def _flex(q, k, v, grid, slopes, n_prefix, key_padding_mask, return_lse=False):
