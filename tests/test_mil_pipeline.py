@@ -507,3 +507,28 @@ def test_slide_encoder_model_from_config_and_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     assert main([*base, "--slide-encoder", str(wrong), "--out", str(tmp_path / "bad")]) == 2
     assert "16-d tile features" in capsys.readouterr().err
+
+
+def test_frozen_encoder_trains_on_cached_embeddings(tmp_path):
+    from slidefm.eval.targets import Task
+    from slidefm.pipelines.mil import BagDataset, MILConfig, predict_bags, train_fold
+
+    bags, y, idx = _fold_inputs(tmp_path)
+    cfg = MILConfig(model="slide_encoder", slide_encoder="tiny", epochs=3, lr=0.01)
+    model, meta = train_fold(
+        bags, y, idx, Task(("m",), ("0", "1"), False), cfg, tmp_path / "f", seed=1
+    )
+    ((key, z),) = bags.embeddings.items()
+    assert key == "tiny|seed1" and z.shape == (len(y), model.encoder.embed_dim)
+    ds = BagDataset(bags, idx["test"], y)
+    with torch.no_grad():
+        for i in range(len(ds)):  # the cache is the encoder's output on the whole bag
+            it = ds[i]
+            ref = model.encoder(it["features"][None], it["grid"][None])[0]
+            torch.testing.assert_close(
+                torch.from_numpy(z[idx["test"][i]]), ref, atol=1e-5, rtol=1e-5
+            )
+    full = predict_bags(model, ds, 4, torch.device("cpu"), False)
+    head = torch.softmax(model.head(torch.from_numpy(z[idx["test"]])), -1).detach().numpy()
+    np.testing.assert_allclose(full, head, atol=1e-5)
+    assert meta["epochs_run"] == 3

@@ -295,13 +295,18 @@ class SlideEncoderMIL(nn.Module):
 
     def forward(
         self,
-        features: torch.Tensor,
+        features: torch.Tensor | None,
         grid: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
+        embedding: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
+        """``embedding`` [B, E]: the frozen encoder's output computed beforehand (training a
+        frozen encoder's head needs each slide's embedding once, not once per epoch)."""
+        if embedding is not None:
+            return {"logits": self.head(embedding.float()), "embedding": embedding}
+        if features is None or grid is None:
+            raise ValueError("SlideEncoderMIL needs tile features and grid positions")
         pad = _mask(features, padding_mask)
-        if grid is None:
-            raise ValueError("SlideEncoderMIL needs tile grid positions")
         if self.freeze:
             with torch.no_grad():
                 z = self.encoder(features, grid, pad)

@@ -112,6 +112,7 @@ class Bags:
     dim: int
     attrs: dict[str, Any]
     cached: list[tuple[np.ndarray, np.ndarray]] | None = None
+    embeddings: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)  # per encoder
 
     @property
     def slide_ids(self) -> list[str]:
@@ -185,6 +186,8 @@ class BagDataset(torch.utils.data.Dataset):
         )
         self.epoch = 0
 
+    collate = staticmethod(collate_bags)
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
 
@@ -205,6 +208,22 @@ class BagDataset(torch.utils.data.Dataset):
         }
 
 
+class EmbeddingDataset(torch.utils.data.Dataset):
+    """Frozen slide-encoder embeddings (N_slides, E) as training items ``{"embedding", "label"}``."""
+
+    collate = staticmethod(torch.utils.data.default_collate)
+
+    def __init__(self, z: np.ndarray, index: np.ndarray, y: np.ndarray):
+        self.z, self.index, self.y = z, np.asarray(index), np.asarray(y)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        j = int(self.index[i])
+        return {"embedding": torch.from_numpy(self.z[j]), "label": torch.as_tensor(self.y[j])}
+
+
 # -- training -------------------------------------------------------------------------------
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {
@@ -212,28 +231,51 @@ def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     }
 
 
+def forward_batch(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The model on a bag batch, or on precomputed embeddings (frozen slide encoder)."""
+    if "embedding" in batch:
+        return model(None, embedding=batch["embedding"])
+    return model(batch["features"], batch["grid"], batch["padding_mask"])
+
+
 @torch.no_grad()
 def predict_bags(
     model: torch.nn.Module,
-    dataset: BagDataset,
+    dataset: BagDataset | EmbeddingDataset,
     batch_size: int,
     device: torch.device,
     multilabel: bool,
 ) -> np.ndarray:
-    """(len(dataset), C) probabilities, every tile of every bag used."""
+    """(len(dataset), C) probabilities; bags are used whole (every tile)."""
     model.eval()
     loader = torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_bags
+        dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate
     )
-    out = []
-    for batch in loader:
-        b = _to(batch, device)
-        out.append(
-            probabilities(
-                model(b["features"], b["grid"], b["padding_mask"])["logits"], multilabel
-            ).cpu()
-        )
+    out = [
+        probabilities(forward_batch(model, _to(b, device))["logits"], multilabel).cpu()
+        for b in loader
+    ]
     return torch.cat(out).numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def frozen_embeddings(
+    model: torch.nn.Module, bags: Bags, key: str, batch_size: int, device: torch.device
+) -> np.ndarray:
+    """(N_slides, E) embeddings of every whole bag by a frozen slide encoder, computed once per
+    run (cached on ``bags`` under ``key``) and shared by all folds and seeds."""
+    if key not in bags.embeddings:
+        model = model.to(device).eval()
+        ds = BagDataset(bags, np.arange(len(bags.paths)), np.zeros(len(bags.paths), np.int64))
+        loader = torch.utils.data.DataLoader(
+            ds, batch_size=batch_size, shuffle=False, collate_fn=collate_bags
+        )
+        z = [
+            model.encoder(b["features"], b["grid"], b["padding_mask"]).float().cpu()
+            for b in map(lambda b: _to(b, device), loader)
+        ]
+        bags.embeddings[key] = torch.cat(z).numpy()
+    return bags.embeddings[key]
 
 
 def _val_score(
@@ -305,7 +347,20 @@ def train_fold(
     device = pick_device(cfg.device)
     y_tr = y[idx["train"]]
     weight = None
-    train_set = BagDataset(bags, idx["train"], y, cfg.max_tiles, seed)
+    if cfg.model == "slide_encoder" and cfg.freeze_encoder:
+        # A frozen encoder maps each whole bag to a fixed embedding: compute it once and train
+        # the head on embeddings (a random-init encoder differs per fold seed, hence the key).
+        key = enc_weights if enc_weights != "random" else f"{cfg.slide_encoder}|seed{seed}"
+        z = frozen_embeddings(model, bags, key, cfg.eval_batch_size, device)
+        train_set, val_set = (
+            EmbeddingDataset(z, idx["train"], y),
+            EmbeddingDataset(z, idx["val"], y),
+        )
+    else:
+        train_set, val_set = (
+            BagDataset(bags, idx["train"], y, cfg.max_tiles, seed),
+            BagDataset(bags, idx["val"], y),
+        )
     if cfg.balance == "sampler":
         if task.multilabel:
             raise ValueError("balance=sampler needs a single-label task; use balance=weights")
@@ -318,7 +373,7 @@ def train_fold(
             train_set,
             cfg.batch_size,
             sampler=sampler,
-            collate_fn=collate_bags,
+            collate_fn=train_set.collate,
             num_workers=cfg.num_workers,
             generator=g,
         )
@@ -333,9 +388,8 @@ def train_fold(
             shuffle=True,
             seed=seed,
             num_workers=cfg.num_workers,
-            collate_fn=collate_bags,
+            collate_fn=train_set.collate,
         )
-    val_set = BagDataset(bags, idx["val"], y)
     steps_per_epoch = len(loader)
     train_dir = out_dir / "train"
     marker = train_dir / "config_hash.txt"
@@ -355,8 +409,8 @@ def train_fold(
         es["history"] = [h for h in es["history"] if h["step"] <= done_step]
 
     def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        out = m(batch["features"], batch["grid"], batch["padding_mask"])
-        return mil_loss(out["logits"], batch["label"], task.multilabel, weight), {}
+        logits = forward_batch(m, batch)["logits"]
+        return mil_loss(logits, batch["label"], task.multilabel, weight), {}
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
         score, metrics = _val_score(m, val_set, y[idx["val"]], cfg, device, task, weight)
