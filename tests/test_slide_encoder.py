@@ -1,12 +1,14 @@
 """SlideEncoder: backends equal the naive oracle, padding/permutation behaviour, checkpoints."""
 
 import dataclasses
+import math
 
 import numpy as np
 import pytest
 import torch
 
 from slidefm.config import ConfigError
+from slidefm.models.posenc import sincos_2d
 from slidefm.models.slide_encoder import SlideEncoder, SlideEncoderConfig
 
 
@@ -169,8 +171,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_bf16_autocast_is_close_to_fp32():
-    enc = tiny(backend="sdpa", num_register_tokens=1)
+@pytest.mark.parametrize("arch", ["alibi_regs_mean", "longnet"])
+def test_bf16_autocast_is_close_to_fp32(arch):
+    enc = build(arch, backend="sdpa")
     feats, grid, pad = batch([200, 120])
     with torch.no_grad():
         ref = enc(feats, grid, pad)
@@ -253,3 +256,13 @@ def test_flex_equals_naive_inference(arch):
         torch.testing.assert_close(
             enc(feats, grid, pad), ref_enc(feats, grid, pad), atol=1e-5, rtol=1e-5
         )
+
+
+def test_sincos_2d_formula():
+    grid = torch.tensor([[0, 0], [3, 7], [120, 45]])
+    got = sincos_2d(grid, 16)
+    omega = [10000.0 ** (-i / 4) for i in range(4)]
+    for n, (c, r) in enumerate(grid.tolist()):
+        want = [math.sin(c * w) for w in omega] + [math.cos(c * w) for w in omega]
+        want += [math.sin(r * w) for w in omega] + [math.cos(r * w) for w in omega]
+        torch.testing.assert_close(got[n], torch.tensor(want), atol=1e-5, rtol=1e-5)

@@ -11,11 +11,13 @@ Two entry points share the backends:
   (log-sum-exp), which LongNet needs to mix its branches.
 
 Tensors are [B, H, T, Dh] (torch SDPA layout); ``key_padding_mask`` is bool, True = padded key.
-Scores, bias and normalisers are float32 even under bf16/fp16 autocast.
+The ALiBi bias and the normalisers are computed in float32 even under bf16/fp16 autocast (the
+bias is then cast to the fused kernel's dtype); ``naive`` runs entirely in float32.
 
 ``flex`` on CPU: this torch compiles FlexAttention for CPU only for inference and without
 ``return_lse``, so on CPU it raises a clear error when gradients are needed (use ``sdpa``),
-and LongNet's normaliser is then computed separately. ``xformers`` is GPU-only (optional extra).
+LongNet's normaliser is computed separately, and sequence lengths are bucketed (see
+``_cpu_flex_length``). ``xformers`` is GPU-only (optional extra).
 """
 
 from __future__ import annotations
@@ -90,7 +92,8 @@ def _block_rows(block_size: int, bsz: int, heads: int, keys: int) -> int:
 
 
 def _safe_keys(key_padding_mask: torch.Tensor) -> torch.Tensor:
-    """Rows with no real key unmask all keys: outputs stay finite (callers zero them)."""
+    """A batch element with no real key gets all keys unmasked, so kernels never see an
+    all −inf row (NaN); callers zero or ignore those outputs."""
     return key_padding_mask & key_padding_mask.logical_not().any(-1, keepdim=True)
 
 
@@ -136,6 +139,11 @@ def full_attention(
 
 def _naive_full(q, k, v, grid, slopes, n_prefix, key_padding_mask):
     """Materialised float32 scores + bias: O(T²) memory, the reference for every other backend."""
+    with torch.autocast(q.device.type, enabled=False):
+        return _naive_full_fp32(q, k, v, grid, slopes, n_prefix, key_padding_mask)
+
+
+def _naive_full_fp32(q, k, v, grid, slopes, n_prefix, key_padding_mask):
     scores = torch.matmul(_hi(q), _hi(k).transpose(-1, -2)) / math.sqrt(q.shape[-1])
     if slopes is not None:
         scores = scores + alibi_2d_bias_block(grid, slopes, 0, q.shape[2], n_prefix)
@@ -274,13 +282,8 @@ def attention_with_lse(
     weights derived from it as constants in backward.
     """
     if backend == "naive":
-        scores = torch.matmul(_hi(q), _hi(k).transpose(-1, -2)) / math.sqrt(q.shape[-1])
-        if key_padding_mask is not None:
-            scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        probs = torch.exp(scores - lse.clamp(min=torch.finfo(torch.float32).min)[..., None])
-        out = torch.matmul(probs, _hi(v)).to(v.dtype)
-        return out, lse.detach()
+        with torch.autocast(q.device.type, enabled=False):
+            return _naive_with_lse(q, k, v, key_padding_mask)
     safe = _safe_keys(key_padding_mask) if key_padding_mask is not None else None
     if backend == "sdpa":
         mask = safe.logical_not()[:, None, None, :] if safe is not None else None
@@ -305,7 +308,19 @@ def attention_with_lse(
     return out, lse
 
 
+def _naive_with_lse(q, k, v, key_padding_mask):
+    scores = torch.matmul(_hi(q), _hi(k).transpose(-1, -2)) / math.sqrt(q.shape[-1])
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = torch.exp(scores - lse.clamp(min=torch.finfo(torch.float32).min)[..., None])
+    out = torch.matmul(probs, _hi(v)).to(v.dtype)
+    return out, lse.detach()
+
+
 @torch.no_grad()
+@torch.autocast("cuda", enabled=False)
+@torch.autocast("cpu", enabled=False)
 def lse_blockwise(
     q: torch.Tensor, k: torch.Tensor, key_padding_mask: torch.Tensor | None = None
 ) -> torch.Tensor:
