@@ -121,8 +121,8 @@ def plan_cohort(n_slides: int, seed: int, options: CohortOptions | None = None) 
     """Cases of 1–3 slides until ``n_slides``; per-patient labels from a balanced design.
 
     Patients come in blocks of 16 = 4 subtypes × 2 spatial × 2 bag labels, shuffled within the
-    block, so the three labels are balanced and mutually independent; site (4 values) and the
-    number of slides per patient are drawn independently of all labels.
+    block, so the three labels are balanced and mutually independent; sites (balanced blocks of
+    4) and the number of slides per patient are drawn independently of all labels.
     """
     opts = options or CohortOptions()
     if n_slides < 1:
@@ -136,8 +136,12 @@ def plan_cohort(n_slides: int, seed: int, options: CohortOptions | None = None) 
     while len(labels) < len(sizes):
         labels += [design[i] for i in rng.permutation(len(design))]
     labels = labels[: len(sizes)]
-    sites = rng.choice(sorted(SITES), size=len(sizes)).tolist()
+    names = sorted(SITES)
+    sites = [
+        names[i] for _ in range(0, len(sizes), len(names)) for i in rng.permutation(len(names))
+    ]
     splits = _split_cases(rng, [lab[0] for lab in labels], opts.split)
+    sites = sites[: len(sizes)]
     specs, k = [], 0
     for c, n in enumerate(sizes):
         case_id = f"SYN-{c + 1:04d}"

@@ -35,24 +35,32 @@ class Stain:
 
 
 # Simulated sites (labs/scanners): standard, haematoxylin-heavy purple, faded pink, cool scanner.
+# Haematoxylin absorbs green more than red in all of them (purple, not pen-ink blue), and every
+# nucleus sits in some eosin, as in real H&E.
 SITES: dict[str, Stain] = {
-    "site_1": Stain((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), 1.00, 1.00, (244, 243, 241)),
+    "site_1": Stain((0.63, 0.72, 0.29), (0.07, 0.99, 0.11), 1.00, 1.00, (244, 243, 241)),
     "site_2": Stain((0.55, 0.75, 0.36), (0.16, 0.95, 0.26), 1.30, 0.85, (238, 236, 240)),
     "site_3": Stain((0.60, 0.72, 0.30), (0.04, 0.90, 0.32), 0.85, 1.25, (246, 242, 240)),
-    "site_4": Stain((0.72, 0.64, 0.25), (0.12, 0.86, 0.05), 1.05, 0.95, (236, 240, 244)),
+    "site_4": Stain((0.62, 0.74, 0.26), (0.12, 0.86, 0.05), 1.05, 0.95, (238, 240, 243)),
 }
 
 
 def jitter_stain(site: Stain, rng: np.random.Generator) -> Stain:
-    """Per-slide variation around a site: OD vectors perturbed, strengths ±20 %, brightness."""
+    """Per-slide variation around a site: OD vectors perturbed, strengths ±20 %, brightness.
+
+    Haematoxylin keeps its green absorption above its red one, so nuclei stay blue-PURPLE: a
+    pure-blue hue would read as pen ink to a tissue detector (and to a pathologist).
+    """
 
     def unit(v: np.ndarray) -> tuple[float, float, float]:
         v = np.clip(v, 0.01, None)
         return tuple(float(a) for a in v / np.linalg.norm(v))
 
+    h = np.array(site.h_vec) + rng.normal(0, 0.04, 3)
+    h[1] = max(h[1], h[0] + 0.07)
     b = rng.uniform(0.96, 1.02)
     return Stain(
-        unit(np.array(site.h_vec) + rng.normal(0, 0.05, 3)),
+        unit(h),
         unit(np.array(site.e_vec) + rng.normal(0, 0.05, 3)),
         site.h_scale * rng.uniform(0.8, 1.2),
         site.e_scale * rng.uniform(0.8, 1.2),
@@ -171,7 +179,7 @@ def _immune(rng, k, p):
     """Dense small round very dark lymphocyte nuclei on a pale pink background."""
     u, v = _coords(k, p)
     nuc = _nuclei(rng, u, v, (10, 10), (3.3, 4.3), 0.85, (1.0, 1.15))
-    return 0.10 + 1.25 * nuc, 0.30 + 0.05 * _smooth(rng, k, p) - 0.2 * nuc
+    return 0.10 + 1.25 * nuc, 0.32 + 0.05 * _smooth(rng, k, p) - 0.05 * nuc
 
 
 def _necrosis(rng, k, p):
@@ -201,7 +209,7 @@ def _small_cell(rng, k, p):
     u, v = _coords(k, p)
     nuc = _nuclei(rng, u, v, (11, 11), (4.2, 5.2), 0.95, (1.1, 1.5))
     speck = rng.random((k, p, p), dtype=F32)
-    return 0.15 + nuc * (0.75 + 0.25 * speck), 0.24 + 0.04 * _smooth(rng, k, p) - 0.1 * nuc
+    return 0.15 + nuc * (0.75 + 0.25 * speck), 0.30 + 0.04 * _smooth(rng, k, p)
 
 
 def _spindle(rng, k, p):
@@ -228,7 +236,7 @@ def _adeno(rng, k, p):
     nuc = _nuclei(rng, u, v, (9, 9), (2.8, 3.8), 0.9, (1.0, 1.4)) * ring
     stroma_e = 0.45 + 0.08 * np.sin((u + 8 * _smooth(rng, k, p, 3)) * F32(2 * np.pi / 9))
     outside = 1 - ring - lumen
-    e = outside * stroma_e + ring * 0.42 * (1 - 0.5 * nuc) + lumen * 0.03
+    e = outside * stroma_e + ring * 0.42 * (1 - 0.3 * nuc) + lumen * 0.03
     h = 0.04 * outside + ring * (0.12 + 0.85 * nuc)
     return h, e
 
@@ -264,7 +272,7 @@ def _papillary(rng, k, p):
     nuc = _nuclei(rng, u, v, (8, 8), (2.8, 3.6), 0.95, (1.3, 1.8)) * lining
     space = 1 - core - lining
     fluid = 0.30 + 0.06 * _smooth(rng, k, p, 4)  # pale proteinaceous fluid between fronds
-    e = core * 0.60 + lining * 0.30 * (1 - 0.5 * nuc) + space * fluid
+    e = core * 0.60 + lining * 0.32 * (1 - 0.2 * nuc) + space * fluid
     h = core * 0.10 + lining * (0.12 + 0.95 * nuc) + space * 0.05
     return h, e
 

@@ -206,7 +206,7 @@ def make_report(
             )
         )
     if rng.random() < 0.65:
-        n_nodes = int(rng.integers(0, 25))
+        n_nodes = int(rng.integers(2, 25))
         pos = int(rng.integers(0, min(n_nodes, 6) + 1)) if rng.random() < 0.4 else 0
         diag.append(
             _pick(
