@@ -18,7 +18,17 @@ import pytest
 from slidefm.cli import main
 from slidefm.io.features import is_complete, read_attrs, read_features
 
-FAST = ["--encoder", "vit_tiny_dev", "--weights", "random", "--num-workers", "1", "--batch-size", "16", "--no-progress"]
+FAST = [
+    "--encoder",
+    "vit_tiny_dev",
+    "--weights",
+    "random",
+    "--num-workers",
+    "1",
+    "--batch-size",
+    "16",
+    "--no-progress",
+]
 
 
 def test_encode_real_slide_schema(sample_slide, tmp_path):
@@ -34,14 +44,34 @@ def test_encode_real_slide_schema(sample_slide, tmp_path):
         assert f.attrs["patch_size_level0"] == round(256 * 0.5 / 0.499)
         coords, grid = f["coords"][()], f["grid"][()]
         assert (coords[:, 0] + f.attrs["patch_size_level0"] <= f.attrs["level0_width"] + 1).all()
-        np.testing.assert_array_equal(grid, (coords - coords.min(0)) // f.attrs["patch_size_level0"])
+        np.testing.assert_array_equal(
+            grid, (coords - coords.min(0)) // f.attrs["patch_size_level0"]
+        )
         assert np.isfinite(f["features"][()]).all()
     assert (tmp_path / "qc" / "CMU-1-Small-Region.png").is_file()
     # Resume: same config → skipped; changed config → re-encoded.
     before = h5.stat().st_mtime_ns
-    assert main(["encode-slides", str(sample_slide), "--out", str(tmp_path), *FAST, "--seed", "7"]) == 0
+    assert (
+        main(["encode-slides", str(sample_slide), "--out", str(tmp_path), *FAST, "--seed", "7"])
+        == 0
+    )
     assert h5.stat().st_mtime_ns == before
-    assert main(["encode-slides", str(sample_slide), "--out", str(tmp_path), *FAST, "--seed", "7", "--min-tissue", "0.5"]) == 0
+    assert (
+        main(
+            [
+                "encode-slides",
+                str(sample_slide),
+                "--out",
+                str(tmp_path),
+                *FAST,
+                "--seed",
+                "7",
+                "--min-tissue",
+                "0.5",
+            ]
+        )
+        == 0
+    )
     assert h5.stat().st_mtime_ns != before and read_attrs(h5)["config_hash"] != ""
 
 
@@ -62,7 +92,9 @@ def test_bad_slides_do_not_stop_the_cohort(slides_dir, sample_slide, tmp_path, c
     assert "FAILED broken" in capsys.readouterr().out
     # The slide without metadata succeeds once the user gives --mpp (via a manifest column).
     man = tmp_path / "m.csv"
-    pd.DataFrame({"slide_id": ["tcga"], "path": [str(cohort / "TCGA-CR-7395-01A-01-TS1.svs")], "mpp": [0.5]}).to_csv(man, index=False)
+    pd.DataFrame(
+        {"slide_id": ["tcga"], "path": [str(cohort / "TCGA-CR-7395-01A-01-TS1.svs")], "mpp": [0.5]}
+    ).to_csv(man, index=False)
     assert main(["encode-slides", "--manifest", str(man), "--out", str(out), *FAST]) == 0
     assert read_attrs(out / "tcga.h5")["mpp_source"] == "override"
 
@@ -87,7 +119,16 @@ def test_kill_and_resume(sample_slide, tmp_path, sig):
     n = 12
     for i in range(n):
         os.symlink(sample_slide, cohort / f"s{i}.svs")
-    cmd = [sys.executable, "-m", "slidefm.cli", "encode-slides", str(cohort), "--out", str(out), *FAST]
+    cmd = [
+        sys.executable,
+        "-m",
+        "slidefm.cli",
+        "encode-slides",
+        str(cohort),
+        "--out",
+        str(out),
+        *FAST,
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not any(out.glob("s*.h5")):
