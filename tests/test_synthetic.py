@@ -28,6 +28,7 @@ from slidefm.wsi.synthetic import (
     layout_of,
     plan_cohort,
     render_spec,
+    slide_complete,
 )
 from slidefm.wsi.synthetic_layout import CELL_TYPES, IMMUNE, NECROSIS, RARE, STROMA, TUMOUR
 from slidefm.wsi.synthetic_render import SITES, jitter_stain, render_slide
@@ -118,6 +119,15 @@ def test_byte_identical_across_workers_and_resume(tiny_cohort, tmp_path):
     generate_cohort(b, 3, seed=5, workers=1, progress=False, **TINY)
     assert filecmp.cmp(victim, ref / names[4], shallow=False)
     assert keep.stat().st_mtime_ns == mtime
+    # A larger cohort keeps the first patients' plans; a changed plan is not "complete".
+    opts = CohortOptions(**TINY)
+    small, big = plan_cohort(3, 5, opts), plan_cohort(12, 5, opts)
+    key = lambda x: (x.slide_id, x.subtype, x.biomarker_spatial, x.biomarker_bag, x.site)  # noqa: E731
+    assert [key(a) for a in small[:2]] == [key(b) for b in big[:2]]
+    spec = next(x for x in small if x.slide_id == victim.stem)
+    assert slide_complete(victim, spec, 5, opts)
+    other = "papillary" if spec.subtype != "papillary" else "small_cell"
+    assert not slide_complete(victim, dataclasses.replace(spec, subtype=other), 5, opts)
     # Another seed is a different cohort: nothing is skipped by mistake.
     generate_cohort(b, 3, seed=6, workers=1, progress=False, **TINY)
     assert not filecmp.cmp(victim, ref / names[4], shallow=False)

@@ -53,6 +53,7 @@ __all__ = [
     "layout_of",
     "plan_cohort",
     "render_spec",
+    "slide_complete",
     "slide_layout",
 ]
 
@@ -127,21 +128,23 @@ def plan_cohort(n_slides: int, seed: int, options: CohortOptions | None = None) 
     opts = options or CohortOptions()
     if n_slides < 1:
         raise ValueError(f"--n-slides must be ≥ 1, got {n_slides}")
-    rng = np.random.default_rng([seed, 2**31 - 1])
+    # One stream per quantity, so a larger cohort with the same seed starts with the same
+    # patients (only the split, and the size of the last patient, depend on n_slides).
+    rng_size, rng_label, rng_site, rng_split = (
+        np.random.default_rng([seed, 2**31 - 1, i]) for i in range(4)
+    )
     sizes: list[int] = []
     while sum(sizes) < n_slides:
-        sizes.append(int(min(rng.integers(1, 4), n_slides - sum(sizes))))
+        sizes.append(int(min(rng_size.integers(1, 4), n_slides - sum(sizes))))
     design = [(st, s, b) for st in SUBTYPES for s in (0, 1) for b in (0, 1)]
     labels = []
     while len(labels) < len(sizes):
-        labels += [design[i] for i in rng.permutation(len(design))]
-    labels = labels[: len(sizes)]
+        labels += [design[i] for i in rng_label.permutation(len(design))]
     names = sorted(SITES)
-    sites = [
-        names[i] for _ in range(0, len(sizes), len(names)) for i in rng.permutation(len(names))
-    ]
-    splits = _split_cases(rng, [lab[0] for lab in labels], opts.split)
-    sites = sites[: len(sizes)]
+    sites = []
+    while len(sites) < len(sizes):
+        sites += [names[i] for i in rng_site.permutation(len(names))]
+    splits = _split_cases(rng_split, [lab[0] for lab in labels[: len(sizes)]], opts.split)
     specs, k = [], 0
     for c, n in enumerate(sizes):
         case_id = f"SYN-{c + 1:04d}"
@@ -174,8 +177,11 @@ def render_spec(spec: SlideSpec, seed: int, options: CohortOptions | None = None
 
 
 def _provenance(spec: SlideSpec, seed: int, opts: CohortOptions) -> str:
-    """ImageDescription fields that identify what drew a slide (checked on resume)."""
-    h = config_hash({"seed": seed, "options": dataclasses.asdict(opts)})
+    """ImageDescription fields that identify what drew a slide (checked on resume): seed,
+    the options that change pixels, and the slide's own plan (labels, site, pen)."""
+    pixel_opts = {k: v for k, v in dataclasses.asdict(opts).items() if k != "split"}
+    plan = {k: v for k, v in dataclasses.asdict(spec).items() if k != "split"}
+    h = config_hash({"seed": seed, "options": pixel_opts, "slide": plan})
     return f"Source = slidefm synth-cohort|Seed = {seed}|Slide = {spec.slide_id}|Synth hash = {h}"
 
 
