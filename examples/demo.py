@@ -23,7 +23,20 @@ SAMPLE = REPO / "data" / "sample" / "CMU-1-Small-Region.svs"
 
 def run(out: Path, weights: str, encoder: str) -> int:
     feats_dir = out / "features"
-    rc = cli(["encode-slides", str(SAMPLE), "--out", str(feats_dir), "--config", "demo", "--encoder", encoder, "--weights", weights])
+    rc = cli(
+        [
+            "encode-slides",
+            str(SAMPLE),
+            "--out",
+            str(feats_dir),
+            "--config",
+            "demo",
+            "--encoder",
+            encoder,
+            "--weights",
+            weights,
+        ]
+    )
     if rc:
         return rc
     sf = read_features(feats_dir / f"{SAMPLE.stem}.h5")
@@ -42,7 +55,9 @@ def run(out: Path, weights: str, encoder: str) -> int:
     }
     print(json.dumps(summary, indent=2))
     if sf.attrs["encoder_weights"] == "random":
-        print("NOTE: RANDOM tile-encoder weights: these features demonstrate the pipeline, not a pretrained model.")
+        print(
+            "NOTE: RANDOM tile-encoder weights: these features demonstrate the pipeline, not a pretrained model."
+        )
     return 0
 
 
