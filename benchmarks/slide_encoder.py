@@ -220,7 +220,13 @@ def main() -> None:
         "target_exponent_max": 1.1,
         "blockwise_over_materialised": ratios,
         "longnet_over_full_time": longnet_vs_full,
-        "note": "random weights; batch of one slide; time = best of --repeats after a warm-up",
+        "note": "random weights; batch of one slide; time = best of --repeats after a warm-up"
+        + (
+            "; CPU flex: torch's compiled CPU FlexAttention allocates an L×L float buffer "
+            "(quadratic memory), and lengths are bucketed up to 25 % (see attention.py)"
+            if not cuda
+            else ""
+        ),
     }
     print(json.dumps(out, indent=2))
 

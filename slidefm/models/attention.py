@@ -17,7 +17,9 @@ bias is then cast to the fused kernel's dtype); ``naive`` runs entirely in float
 ``flex`` on CPU: this torch compiles FlexAttention for CPU only for inference and without
 ``return_lse``, so on CPU it raises a clear error when gradients are needed (use ``sdpa``),
 LongNet's normaliser is computed separately, and sequence lengths are bucketed (see
-``_cpu_flex_length``). ``xformers`` is GPU-only (optional extra).
+``_cpu_flex_length``). Measured: the compiled CPU kernel allocates an L×L float32 buffer, so
+on CPU ``flex`` saves the bias but not quadratic memory; ``sdpa`` is the linear CPU path.
+``xformers`` is GPU-only (optional extra).
 """
 
 from __future__ import annotations
