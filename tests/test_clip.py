@@ -185,10 +185,39 @@ def test_ddp_gather_matches_single_process():
     out = mp.Manager().dict()
     mp.spawn(_ddp_worker, args=(2, port, s, t, out), nprocs=2, join=True)
     loss0 = out[0][0]
-    assert loss0 == pytest.approx(float(ref), rel=1e-9)
+    assert loss0 == pytest.approx(float(ref.detach()), rel=1e-9)
     # A rank's feature gradient is world × d(global loss)/d(its rows); DDP's averaging of
     # parameter gradients over the ranks then gives exactly the single-process gradient.
     for r in range(2):
         sl = slice(r * 4, (r + 1) * 4)
         assert torch.allclose(out[r][1], 2 * ss.grad[sl])
         assert torch.allclose(out[r][2], 2 * tt.grad[sl])
+
+
+def test_slide_standardisation_uses_training_stats(tok_path):
+    torch.manual_seed(0)
+    cfg = AlignModelConfig(embed_dim=16, slide_proj="linear", text=TEXT)
+    model = SlideTextModel(cfg, 10, tok_path).eval()
+    train = torch.randn(30, 10) * torch.linspace(0.01, 5, 10) + 3.0
+    model.set_slide_stats(train)
+    x = torch.randn(4, 10)
+    mean, std = train.mean(0), train.std(0)
+    ref = torch.nn.functional.normalize(model.slide_proj((x - mean) / std), dim=-1)
+    assert torch.allclose(model.encode_slide(embeddings=x), ref, atol=1e-6)
+    assert "slide_mean" in model.state_dict()  # saved with the checkpoint
+
+
+def test_mean_pooled_tower_ignores_padding(tok_path):
+    from slidefm.encoders.text import SentencePieceTextTower, TextTowerConfig
+
+    torch.manual_seed(0)
+    cfg = TextTowerConfig(**{**TEXT, "pool": "mean"})
+    tower = SentencePieceTextTower(cfg, 400).eval()
+    ids = torch.tensor([[2, 50, 60, 3] + [0] * 20])
+    out = tower(ids)
+    # reference: the same transformer's per-token outputs, averaged over the 4 real tokens
+    with torch.no_grad():
+        tokens = tower.transformer(ids)[0, :4]
+    assert torch.allclose(out[0], tokens.mean(0), atol=1e-6)
+    short = tower(torch.tensor([[2, 50, 60, 3]]))  # no padding at all (positions the same)
+    assert torch.allclose(out, short, atol=1e-5)

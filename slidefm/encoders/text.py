@@ -360,6 +360,7 @@ class TextTowerConfig:
     output_dim: int = 256  # the tower's own projection (joint-space heads follow in clip.py)
     long_text: str = "truncate"  # truncate | chunk (mean of normalised chunk embeddings)
     max_chunks: int = 8
+    pool: str = "eos"  # eos (causal, CLIP) | mean (bidirectional, mean of non-pad tokens)
     # open_clip kind only:
     model_name: str = ""  # e.g. ViT-B-32, or a name registered with open_clip.add_model_config
     pretrained: str = ""  # local checkpoint path, or an open_clip tag looked up in the HF cache
@@ -367,6 +368,8 @@ class TextTowerConfig:
     def __post_init__(self) -> None:
         if self.kind not in ("sentencepiece", "open_clip"):
             raise ValueError(f"text.kind must be sentencepiece or open_clip, not {self.kind!r}")
+        if self.pool not in ("eos", "mean"):
+            raise ValueError(f"text.pool must be eos or mean, not {self.pool!r}")
         if self.long_text not in ("truncate", "chunk"):
             raise ValueError(f"text.long_text must be truncate or chunk, not {self.long_text!r}")
         if self.kind == "sentencepiece" and self.width % self.heads:
@@ -374,8 +377,12 @@ class TextTowerConfig:
 
 
 class SentencePieceTextTower(nn.Module):
-    """open_clip ``TextTransformer`` over our SentencePiece ids (causal, EOS-pooled).
+    """open_clip ``TextTransformer`` over our SentencePiece ids.
 
+    ``pool=eos``: causal attention, the EOS token's state (CLIP). ``pool=mean``: bidirectional
+    attention with padding masked, mean of the non-pad token states (BOS/EOS included) — a
+    report is closer to a set of findings than to a sentence, and a mean lets a short prompt
+    and a long report share their key terms' contribution.
     forward(ids [B, L] int64) → [B, output_dim] (not normalised).
     """
 
@@ -395,11 +402,17 @@ class SentencePieceTextTower(nn.Module):
             output_dim=cfg.output_dim,
             pad_id=PAD_ID,
             eos_id=EOS_ID,
-            pool_type="eos",
+            pool_type="eos" if cfg.pool == "eos" else "none",
+            no_causal_mask=cfg.pool == "mean",
+            use_pad_mask=cfg.pool == "mean",
         )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.transformer(ids)
+        out = self.transformer(ids)  # [B, D] (eos) or [B, L, D] (mean: every token projected)
+        if self.cfg.pool == "eos":
+            return out
+        keep = (ids != PAD_ID).unsqueeze(-1).to(out.dtype)
+        return (out * keep).sum(1) / keep.sum(1).clamp(min=1)
 
 
 def _resolve_open_clip_weights(model_name: str, pretrained: str) -> str:

@@ -153,6 +153,19 @@ class SlideTextModel(nn.Module):
             nn.Identity() if cfg.text_proj == "auto" and out == e else nn.Linear(out, e, bias=False)
         )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        # Per-dimension standardisation of slide embeddings (identity until set_slide_stats).
+        self.register_buffer("slide_mean", torch.zeros(self.slide_dim))
+        self.register_buffer("slide_std", torch.ones(self.slide_dim))
+
+    @torch.no_grad()
+    def set_slide_stats(self, embeddings: torch.Tensor) -> None:
+        """Standardise slide embeddings [N, E_slide] per dimension with these (training)
+        statistics before the projection head. A frozen encoder's embeddings can vary in a few
+        low-variance directions only (e.g. an unsupervised CLS token); z-scoring makes those
+        directions usable by the head. Saved with the model (buffers)."""
+        x = torch.as_tensor(embeddings, dtype=torch.float32)
+        self.slide_mean.copy_(x.mean(0))
+        self.slide_std.copy_(x.std(0).clamp(min=1e-6))
 
     # ------------------------------------------------------------------ encoders
     @property
@@ -200,7 +213,8 @@ class SlideTextModel(nn.Module):
                 f"slide embeddings are {embeddings.shape[-1]}-d, the model expects "
                 f"{self.slide_dim}-d (were they made with the same slide encoder?)"
             )
-        z = self.slide_proj(embeddings.float())
+        x = (embeddings.float() - self.slide_mean) / self.slide_std
+        z = self.slide_proj(x)
         return F.normalize(z, dim=-1) if normalize else z
 
     def encode_text(

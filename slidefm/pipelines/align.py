@@ -62,6 +62,7 @@ class AlignDataConfig:
     augment: bool = True  # rotations/flips/feature dropout when the encoder trains
     feature_dropout: float = 0.1
     precompute_frozen: bool = True  # frozen encoder: embed every slide once, train the heads
+    standardize: bool = True  # precomputed slide embeddings: z-score per dim (training stats)
     eval_max_tiles: int | None = 4096  # tiles per slide when embedding whole slides
     sentence_dropout: float = 0.0  # report augmentation: drop sentences with this probability
     shuffle_sentences: bool = False
@@ -321,6 +322,8 @@ def run_align(
             model, train_ids, max_tiles=data.eval_max_tiles, seed=seed, **emb_src
         )
         pairs_kw = {"embeddings": train_emb, "slide_ids": train_ids}
+        if data.standardize:
+            model.set_slide_stats(torch.from_numpy(train_emb))
     ds = SlideReportPairs(
         train_rows,
         train_reports,

@@ -1,0 +1,91 @@
+"""Shared steps of the vision–language examples (zero_shot.py, report_retrieval.py).
+
+slides → tile features → slide-encoder pretraining → slide↔report alignment, each step a
+``slidefm`` command whose outputs are resumable, so running the second example after the first
+(same ``--out``) reuses everything:
+
+    synthetic cohort (slidefm.wsi.synthetic)   → <out>/cohort/{slides/, manifest.csv}
+    slidefm encode-slides (vit_tiny_dev)      → <out>/features/*.h5
+    slidefm pretrain --config tiny            → <out>/pretrain/encoder.pt   (train split only)
+    slidefm align --config tiny               → <out>/align/align.pt        (train split only)
+    … with a RANDOM slide encoder (ablation)  → <out>/align_random_encoder/align.pt
+    the bundled real slide (CMU-1-Small-Region.svs), same tile encoder → <out>/real_features/
+
+The tile encoder is a tiny ViT with RANDOM weights (no model hub offline): features are a fixed
+random projection of the pixels, good enough for the synthetic cohort, not a pretrained model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "data" / "sample" / "CMU-1-Small-Region.svs"
+TILE_ENCODER = ("--encoder", "vit_tiny_dev", "--weights", "random")
+
+
+def add_args(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--out", default="outputs/vl", help="output folder (re-run to resume)")
+    ap.add_argument("--n-slides", type=int, default=120, help="synthetic cohort size")
+    ap.add_argument("--cells", type=int, default=10, help="synthetic slide side, in 256-px tiles")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=2, help="processes drawing synthetic slides")
+    ap.add_argument("--pretrain-steps", type=int, default=200)
+    ap.add_argument("--align-steps", type=int, default=300)
+    ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the CIs")
+    ap.add_argument("--no-ablation", action="store_true", help="skip the random-encoder run")
+
+
+def _cli(args: list[str]) -> None:
+    from slidefm.cli import main
+
+    t0 = time.time()
+    print(f"$ slidefm {' '.join(args)}", flush=True)
+    rc = main(args)
+    if rc:
+        sys.exit(f"step failed (exit {rc}): slidefm {' '.join(args)}")
+    print(f"  ({time.time() - t0:.0f} s)", flush=True)
+
+
+def _sets(*items: str) -> list[str]:
+    return [x for it in items for x in ("--set", it)]
+
+
+def prepare(a: argparse.Namespace) -> dict[str, Path]:
+    """Run (or resume) every step; returns the paths the examples read."""
+    from slidefm.wsi.synthetic import generate_cohort
+
+    out = Path(a.out)
+    cohort, feats = out / "cohort", out / "features"
+    print(f"[1/5] synthetic cohort: {a.n_slides} slides → {cohort}", flush=True)
+    generate_cohort(cohort, n_slides=a.n_slides, seed=a.seed, workers=a.workers, cells=a.cells)
+    manifest = cohort / "manifest.csv"
+    print("[2/5] tile features (tiny ViT, RANDOM weights)", flush=True)
+    _cli(["encode-slides", "--manifest", str(manifest), "--out", str(feats), *TILE_ENCODER,
+          "--no-qc", "--no-progress", "--num-workers", "0", "--seed", str(a.seed)])  # fmt: skip
+    pre = out / "pretrain"
+    if not (pre / "encoder.pt").is_file():
+        print("[3/5] self-supervised slide-encoder pretraining (train split)", flush=True)
+        _cli(["pretrain", "--config", "tiny", "--features", str(feats), "--manifest",
+              str(manifest), "--split", "train", "--out", str(pre), "--seed", str(a.seed),
+              *_sets(f"train.max_steps={a.pretrain_steps}", "train.progress=false")])  # fmt: skip
+    runs = {"pretrained": (out / "align", str(pre / "encoder.pt"))}
+    if not a.no_ablation:
+        runs["random_encoder"] = (out / "align_random_encoder", "random:tiny")
+    paths = {"out": out, "manifest": manifest, "features": feats}
+    for name, (d, enc) in runs.items():
+        if not (d / "align.pt").is_file():
+            print(f"[4/5] slide↔report alignment, slide encoder: {name}", flush=True)
+            _cli(["align", "--config", "tiny", "--features", str(feats), "--manifest",
+                  str(manifest), "--slide-encoder", enc, "--out", str(d), "--seed", str(a.seed),
+                  *_sets(f"train.max_steps={a.align_steps}", "train.progress=false")])  # fmt: skip
+        paths[name] = d / "align.pt"
+    real = out / "real_features"
+    print(f"[5/5] the bundled real slide {SAMPLE.name}, same tile encoder", flush=True)
+    _cli(["encode-slides", str(SAMPLE), "--out", str(real), *TILE_ENCODER, "--no-qc",
+          "--no-progress", "--num-workers", "0", "--seed", str(a.seed)])  # fmt: skip
+    paths["real_features"] = real
+    return paths
