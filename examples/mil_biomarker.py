@@ -185,7 +185,16 @@ def main() -> int:
         manifest = cohort / "manifest.csv"
         if not manifest.is_file():
             step(
-                ["synth-cohort", "--out", str(cohort), "--n-slides", str(a.n_slides), "--seed", "0"]
+                [
+                    "synth-cohort",
+                    "--out",
+                    str(cohort),
+                    "--n-slides",
+                    str(a.n_slides),
+                    "--seed",
+                    "0",
+                    "--no-progress",
+                ]
             )
         enc = [
             "encode-slides",

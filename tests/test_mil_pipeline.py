@@ -14,10 +14,11 @@ from slidefm.cli import main
 from slidefm.io.features import SlideFeatures, grid_from_coords, write_features
 
 D = 8
+WITNESS = (np.ones(D) / np.sqrt(D)).astype(np.float32)
 
 
 def make_cohort(root, n_patients: int = 24, seed: int = 0):
-    """Patients with 1–2 slides; positive slides contain a few tiles whose feature 0 is shifted
+    """Patients with 1–2 slides; positive slides contain a few tiles shifted along WITNESS
     (a bag-level signal any MIL model can learn)."""
     rng = np.random.default_rng(seed)
     feat_dir = root / "features"
@@ -32,7 +33,7 @@ def make_cohort(root, n_patients: int = 24, seed: int = 0):
             coords = np.stack([cells % side, cells // side], 1).astype(np.int64) * 512
             feats = rng.normal(size=(n, D)).astype(np.float32)
             if label:
-                feats[:4, 0] += 6.0
+                feats[:4] += 6.0 * WITNESS  # a few "witness" tiles shifted along one direction
             attrs = {
                 "encoder": "toy",
                 "encoder_weights": "random",
@@ -187,6 +188,9 @@ def test_mil_train_cv_and_predict(tmp_path):
     )
     p1 = pd.read_csv(one)
     assert len(p1) == len(df) and set(p1["pred"]) <= {"neg", "pos"}
+    # the checkpoint (incl. its feature standardisation) reproduces the fold's test predictions
+    oof = preds[(preds.seed == 0) & (preds.fold == 0)].set_index("slide_id")["prob_pos"]
+    np.testing.assert_allclose(p1.set_index("slide_id").loc[oof.index, "prob_pos"], oof, rtol=1e-5)
     np.testing.assert_allclose(p1[["prob_neg", "prob_pos"]].sum(axis=1), 1.0, rtol=1e-6)
     ens = tmp_path / "ens.csv"
     assert (
@@ -532,3 +536,24 @@ def test_frozen_encoder_trains_on_cached_embeddings(tmp_path):
     head = torch.softmax(model.head(torch.from_numpy(z[idx["test"]])), -1).detach().numpy()
     np.testing.assert_allclose(full, head, atol=1e-5)
     assert meta["epochs_run"] == 3
+
+
+def test_feature_stats_and_standardized_wrapper(tmp_path):
+    from slidefm.models.mil import Standardized
+    from slidefm.pipelines.mil import feature_stats
+
+    bags, _, idx = _fold_inputs(tmp_path)
+    mean, std = feature_stats(bags, idx["train"])
+    allf = np.concatenate([bags.get(int(j))[0] for j in idx["train"]]).astype(np.float64)
+    np.testing.assert_allclose(mean, allf.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(std, allf.std(0), rtol=1e-4)
+
+    class Echo(torch.nn.Module):
+        def forward(self, features, grid=None, padding_mask=None):
+            return {"logits": features}
+
+    x = torch.from_numpy(allf[:5]).float()[None]
+    out = Standardized(Echo(), torch.from_numpy(mean), torch.from_numpy(std))(x)["logits"][0]
+    np.testing.assert_allclose(
+        out.numpy(), (allf[:5] - allf.mean(0)) / allf.std(0), rtol=1e-4, atol=1e-4
+    )

@@ -315,6 +315,34 @@ class SlideEncoderMIL(nn.Module):
         return {"logits": self.head(z.float()), "embedding": z}
 
 
+class Standardized(nn.Module):
+    """A MIL model fed standardised tile features: (x − mean) / std per feature dimension,
+    with statistics of the training fold's tiles stored as buffers (so checkpoints, predict
+    and heatmaps apply the same transform). Frozen tile encoders often give features with
+    large shared offsets and tiny per-dimension spread; without this the first layer sees
+    nearly identical tiles and learns slowly.
+    """
+
+    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+        super().__init__()
+        self.model = model
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).clone())
+        self.register_buffer(
+            "std", torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6).clone()
+        )
+
+    def forward(
+        self,
+        features: torch.Tensor | None,
+        grid: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, torch.Tensor]:
+        if features is not None:
+            features = (features - self.mean.to(features.dtype)) / self.std.to(features.dtype)
+        return self.model(features, grid, padding_mask, **kwargs)
+
+
 def build_mil_model(
     name: str, in_dim: int, num_classes: int, encoder: nn.Module | None = None, **kwargs: Any
 ) -> nn.Module:
@@ -445,5 +473,7 @@ def load_mil_checkpoint(
     model = build_mil_model(
         meta["model"], meta["in_dim"], meta["num_classes"], encoder=encoder, **meta["model_kwargs"]
     )
+    if meta.get("standardize"):
+        model = Standardized(model, torch.zeros(meta["in_dim"]), torch.ones(meta["in_dim"]))
     model.load_state_dict(ckpt["state_dict"])
     return model.eval(), meta

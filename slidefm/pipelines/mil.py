@@ -50,6 +50,7 @@ from slidefm.io.features import read_attrs, read_features
 from slidefm.io.manifest import ManifestError, read_manifest
 from slidefm.models.mil import (
     MIL_MODELS,
+    Standardized,
     build_mil_model,
     build_slide_encoder,
     class_weights,
@@ -85,6 +86,7 @@ class MILConfig:
     precision: str = "auto"
     num_workers: int = 0
     cache_gb: float = 8.0
+    standardize: bool = True
 
     def validate(self) -> None:
         if self.model not in MIL_MODELS:
@@ -206,6 +208,16 @@ class BagDataset(torch.utils.data.Dataset):
             "slide_id": self.bags.slide_ids[j],
             "label": self.y[j].tolist(),
         }
+
+
+def feature_stats(bags: Bags, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-dimension mean and std (D,) over every tile of the bags in ``index`` (float64 sums)."""
+    n, s1, s2 = 0, np.zeros(bags.dim), np.zeros(bags.dim)
+    for j in index:
+        f = bags.get(int(j))[0].astype(np.float64)
+        n, s1, s2 = n + len(f), s1 + f.sum(0), s2 + (f * f).sum(0)
+    mean = s1 / n
+    return mean.astype(np.float32), np.sqrt(np.maximum(s2 / n - mean**2, 0)).astype(np.float32)
 
 
 class EmbeddingDataset(torch.utils.data.Dataset):
@@ -344,6 +356,10 @@ def train_fold(
 
     seed_everything(seed)
     model, kwargs, enc_weights = _build_model(cfg, bags.dim, task.num_classes)
+    standardize = cfg.standardize and cfg.model != "slide_encoder"
+    if standardize:
+        mean, std = feature_stats(bags, idx["train"])
+        model = Standardized(model, torch.from_numpy(mean), torch.from_numpy(std))
     device = pick_device(cfg.device)
     y_tr = y[idx["train"]]
     weight = None
@@ -456,6 +472,7 @@ def train_fold(
         "in_dim": bags.dim,
         "num_classes": task.num_classes,
         "model_kwargs": kwargs,
+        "standardize": standardize,
         "task": task.to_dict(),
         "best_epoch": es["best_epoch"],
         "epochs_run": len(es["history"]),
