@@ -19,8 +19,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+from collections.abc import Iterable
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,13 +38,35 @@ class PretrainConfig:
     decoder_dim: int = 256
     decoder_heads: int = 4
     loss: str = "cosine"  # cosine | mse
-    norm_targets: bool = True  # per-tile layer norm of the target features
+    standardize_targets: bool = True  # subtract/divide the cohort's per-dimension mean/std
+    norm_targets: bool = True  # then per-tile layer norm of the target features
     distill_weight: float = 0.0  # > 0 adds the EMA-teacher slide-level distillation
     ema_momentum: float = 0.996  # teacher momentum at step 0, cosine-increased to 1
     distill_dim: int = 256  # prototypes of the distillation head
     student_temp: float = 0.1
     teacher_temp: float = 0.04
     center_momentum: float = 0.9
+
+
+@torch.no_grad()
+def feature_stats(
+    bags: Iterable[torch.Tensor | np.ndarray], max_tiles: int = 200_000
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-dimension mean and std [D] over the tiles of ``bags`` (each [N, D]), in float64,
+    stopping after ``max_tiles`` tiles: the target standardisation of ``MaskedFeatureModel``."""
+    total, s1, s2 = 0, None, None
+    for x in bags:
+        x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+        s1 = x.sum(0) if s1 is None else s1 + x.sum(0)
+        s2 = (x * x).sum(0) if s2 is None else s2 + (x * x).sum(0)
+        total += len(x)
+        if total >= max_tiles:
+            break
+    if not total:
+        raise ValueError("no tiles to compute feature statistics from")
+    mean = s1 / total
+    std = (s2 / total - mean**2).clamp_min(0).sqrt()
+    return mean.float(), std.float()
 
 
 def block_mask(
@@ -149,13 +173,27 @@ class MaskedFeatureModel(nn.Module):
     ``collate_bags`` output (features [B, N, D], grid [B, N, 2], padding_mask [B, N]).
     """
 
-    def __init__(self, encoder: nn.Module, cfg: PretrainConfig | None = None):
+    def __init__(
+        self,
+        encoder: nn.Module,
+        cfg: PretrainConfig | None = None,
+        feature_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         super().__init__()
         self.cfg = cfg = cfg or PretrainConfig()
+        in_dim = encoder.config.input_dim
+        mean, std = feature_stats or (torch.zeros(in_dim), torch.ones(in_dim))
+        # Tile features share a large common direction (for a random ViT, cosine ≈ 0.99 between
+        # any tile and the mean tile): without standardisation, predicting the mean scores a
+        # near-perfect cosine and the encoder learns nothing.
+        self.register_buffer("target_mean", torch.as_tensor(mean, dtype=torch.float32))
+        self.register_buffer(
+            "target_std", torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6)
+        )
         if cfg.loss not in ("cosine", "mse"):
             raise ValueError(f"loss must be 'cosine' or 'mse', not {cfg.loss!r}")
         self.encoder = encoder
-        d_model, in_dim = encoder.config.d_model, encoder.config.input_dim
+        d_model = encoder.config.d_model
         self.decoder = FeatureDecoder(d_model, in_dim, cfg)
         if cfg.distill_weight > 0:
             self.student_head = _distill_head(encoder.embed_dim, cfg.distill_dim)
@@ -186,6 +224,8 @@ class MaskedFeatureModel(nn.Module):
         prefix, tiles = self.encoder.forward_tokens(feats, grid, pad, token_mask=token_mask)
         pred = self.decoder(tiles, pad)
         target = feats.float()
+        if self.cfg.standardize_targets:
+            target = (target - self.target_mean) / self.target_std
         if self.cfg.norm_targets:
             target = F.layer_norm(target, target.shape[-1:])
         return {

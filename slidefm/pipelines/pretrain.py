@@ -29,7 +29,7 @@ from slidefm.eval.rankme import rankme
 from slidefm.io.atomic import atomic_path
 from slidefm.io.bags import FeatureBagDataset, collate_bags, list_feature_files
 from slidefm.io.manifest import read_manifest
-from slidefm.models.pretrain import MaskedFeatureModel, PretrainConfig
+from slidefm.models.pretrain import MaskedFeatureModel, PretrainConfig, feature_stats
 from slidefm.pipelines.embed import embed_dataset
 from slidefm.runtime import dist_info, seed_everything
 from slidefm.train.data import make_loader
@@ -156,7 +156,9 @@ def run_pretrain(
             f"{encoder.config.input_dim}-d; --set encoder_overrides.input_dim={in_dim} "
             "or --set match_input_dim=true"
         )
-    model = MaskedFeatureModel(encoder, objective)
+    order = np.random.default_rng(seed).permutation(len(ds))  # a fair sample when capped
+    stats = feature_stats(ds.slide(int(i)).features for i in order)
+    model = MaskedFeatureModel(encoder, objective, feature_stats=stats)
     rank, world = dist_info()
     if rank == 0:
         _write_json(out / "run_config.json", info)
