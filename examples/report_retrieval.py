@@ -2,6 +2,7 @@
 
     python examples/report_retrieval.py --out outputs/vl            # reuses zero_shot.py's run
     python examples/report_retrieval.py --out outputs/vl --backend qdrant
+    python examples/report_retrieval.py --out outputs/vl_big --n-slides 560  # 113 test slides
 
 Builds (or resumes) the pipeline of vl_workflow.py, then on the held-out patients (split ==
 test) retrieves each slide's report among all test reports (slide→report), each report's

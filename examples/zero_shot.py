@@ -1,7 +1,7 @@
 """Zero-shot subtyping from text prompts, from slides to numbers, on CPU in one command.
 
     python examples/zero_shot.py --out outputs/vl            # ~120 synthetic slides
-    python examples/zero_shot.py --out outputs/vl_big --n-slides 560   # ≥ 100 test slides
+    python examples/zero_shot.py --out outputs/vl_big --n-slides 560   # 113 test slides
 
 Builds (or resumes) the synthetic cohort → tile features → pretrained slide encoder →
 slide↔report alignment (see vl_workflow.py), then classifies the held-out patients' slides
