@@ -9,7 +9,13 @@ import pytest
 import torch
 from bag_utils import random_grid
 
-from slidefm.models.pretrain import MaskedFeatureModel, PretrainConfig, block_mask, dino_loss
+from slidefm.models.pretrain import (
+    MaskedFeatureModel,
+    PretrainConfig,
+    block_mask,
+    dino_loss,
+    feature_stats,
+)
 from slidefm.models.slide_encoder import SlideEncoder, SlideEncoderConfig
 
 D = 8
@@ -149,3 +155,27 @@ def test_ema_teacher_update_and_no_teacher_gradients():
     model.on_optimizer_step(3, 10)
     for b, t, s in zip(before, model.teacher.parameters(), model.encoder.parameters(), strict=True):
         torch.testing.assert_close(t, m * b + (1 - m) * s)
+
+
+def test_feature_stats_match_numpy_and_cap():
+    rng = np.random.default_rng(0)
+    bags = [rng.normal(3, 2, size=(n, 4)).astype(np.float32) for n in (10, 25, 7)]
+    mean, std = feature_stats(bags)
+    allx = np.concatenate(bags).astype(np.float64)
+    np.testing.assert_allclose(mean.numpy(), allx.mean(0), rtol=1e-6)
+    np.testing.assert_allclose(std.numpy(), allx.std(0), rtol=1e-5)
+    m2, _ = feature_stats(bags, max_tiles=30)  # stops after the bag that reaches 30 tiles
+    np.testing.assert_allclose(m2.numpy(), np.concatenate(bags[:2]).mean(0), rtol=1e-6)
+
+
+def test_targets_are_standardised_then_tile_normalised():
+    torch.manual_seed(0)
+    mean, std = torch.randn(D), torch.rand(D) + 0.5
+    model = MaskedFeatureModel(tiny_encoder(), PretrainConfig(decoder_dim=16), (mean, std))
+    batch = make_batch()
+    out = model.predict(batch)
+    z = (batch["features"] - mean) / std
+    mu = z.mean(-1, keepdim=True)
+    ref = (z - mu) / torch.sqrt(((z - mu) ** 2).mean(-1, keepdim=True) + 1e-5)
+    torch.testing.assert_close(out["target"], ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(model.state_dict()["target_std"], std)  # saved with the model
