@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--manifest", help="CSV with slide_id, case_id and the label column")
     ap.add_argument("--label", default="biomarker_spatial")
     ap.add_argument("--out", required=True)
-    ap.add_argument("--config", default="tiny", help="pretrain config (configs/pretrain/)")
+    ap.add_argument("--config", default="synthetic", help="pretrain config (configs/pretrain/)")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--seeds", default="0,1,2,3,4")
     ap.add_argument("--folds", type=int, default=5)
@@ -146,7 +146,9 @@ def main(argv: list[str] | None = None) -> int:
         kw = dict(cfg["encoder_overrides"])
         if cfg["match_input_dim"]:
             kw["input_dim"] = enc.config.input_dim
-        _, z_rand = embed_dataset(SlideEncoder.from_config(cfg["encoder"], **kw), plain)
+        rand = SlideEncoder.from_config(cfg["encoder"], **kw)
+        rand.set_input_stats(enc.input_mean, enc.input_std)  # same input standardisation
+        _, z_rand = embed_dataset(rand, plain)
         for name, x in (
             ("pretrained", z_pre),
             ("random_weights", z_rand),

@@ -73,6 +73,13 @@ def test_pretrain_outputs(pretrained, cohort):
     state = torch.load(out / "checkpoints" / "step_00000006.pt", weights_only=True)["model"]
     for k, v in enc.state_dict().items():
         assert torch.equal(state[f"encoder.{k}"], v), k
+    # Input standardisation = per-dimension mean/std of the training slides' tiles (NumPy).
+    hold = set(info["holdout_slides"])
+    tiles = np.concatenate(
+        [read_features(p).features for p in sorted(cohort[0].glob("*.h5")) if p.stem not in hold]
+    ).astype(np.float64)
+    np.testing.assert_allclose(enc.input_mean.numpy(), tiles.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(enc.input_std.numpy(), tiles.std(0), rtol=1e-4)
 
 
 def test_pipeline_resume_is_exact(cohort, tmp_path):

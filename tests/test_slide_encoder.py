@@ -266,3 +266,26 @@ def test_sincos_2d_formula():
         want = [math.sin(c * w) for w in omega] + [math.cos(c * w) for w in omega]
         want += [math.sin(r * w) for w in omega] + [math.cos(r * w) for w in omega]
         torch.testing.assert_close(got[n], torch.tensor(want), atol=1e-5, rtol=1e-5)
+
+
+def test_input_standardisation_equals_standardised_features(tmp_path):
+    """Stats inside the encoder ≡ the same encoder fed (x − mean) / std computed by hand; they
+    travel with the checkpoint, and checkpoints without them load as mean 0, std 1."""
+    g = torch.Generator().manual_seed(1)
+    x = 5.0 + 3.0 * torch.randn(2, 20, D, generator=g)
+    grid = torch.randint(0, 6, (2, 20, 2), generator=g)
+    mean, std = x.mean((0, 1)), x.std((0, 1))
+    plain, withstats = tiny(), tiny()
+    withstats.set_input_stats(mean, std)
+    torch.testing.assert_close(withstats(x, grid), plain((x - mean) / std, grid))
+    withstats.save_checkpoint(tmp_path / "s.pt")
+    torch.testing.assert_close(
+        SlideEncoder.from_checkpoint(tmp_path / "s.pt")(x, grid), withstats(x, grid)
+    )
+    payload = torch.load(tmp_path / "s.pt", weights_only=True)
+    for k in ("input_mean", "input_std"):
+        del payload["state_dict"][k]
+    torch.save(payload, tmp_path / "old.pt")
+    old = SlideEncoder.from_checkpoint(tmp_path / "old.pt")
+    assert torch.equal(old.input_mean, torch.zeros(D)) and torch.equal(old.input_std, torch.ones(D))
+    torch.testing.assert_close(old(x, grid), plain(x, grid))

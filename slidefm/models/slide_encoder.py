@@ -203,6 +203,11 @@ class SlideEncoder(nn.Module):
         self.blocks = nn.ModuleList(_Block(config, r) for r in rates)
         self.norm = nn.LayerNorm(d, eps=config.norm_eps)
         self.pool = _GatedAttentionPool(d, d // 2) if config.readout == "attn" else None
+        # Per-dimension input standardisation (cohort statistics set by pretraining, saved with
+        # the weights): tile features of a frozen ViT share one dominant direction, which a
+        # randomly initialised input projection otherwise turns into a near-constant token.
+        self.register_buffer("input_mean", torch.zeros(config.input_dim))
+        self.register_buffer("input_std", torch.ones(config.input_dim))
         slopes = alibi_slopes(config.num_heads) if config.position == "alibi2d" else None
         self.register_buffer("alibi_slopes", slopes, persistent=False)
         self.apply(_init_weights)
@@ -211,6 +216,12 @@ class SlideEncoder(nn.Module):
             nn.init.normal_(self.prefix_tokens, std=0.02)
 
     # ------------------------------------------------------------------ construction / io
+
+    @torch.no_grad()
+    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardise inputs as (features − mean) / std, both [D_in] (tile-feature units)."""
+        self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
+        self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6))
 
     @classmethod
     def from_config(cls, name_or_path: str | Path, **overrides: Any) -> SlideEncoder:
@@ -258,7 +269,7 @@ class SlideEncoder(nn.Module):
                 f"{path} holds a different architecture ({', '.join(diff)} differ); "
                 "use SlideEncoder.from_checkpoint(path) to build the matching encoder"
             )
-        self.load_state_dict(payload["state_dict"])
+        self.load_state_dict(_with_default_buffers(self, payload["state_dict"]))
         return {k: v for k, v in payload.items() if k != "state_dict"}
 
     @classmethod
@@ -269,7 +280,7 @@ class SlideEncoder(nn.Module):
         if bad:
             raise ValueError(f"cannot override {bad} on a checkpoint; only {RUNTIME_FIELDS}")
         enc = cls(from_dict(SlideEncoderConfig, {**payload["config"], **overrides}))
-        enc.load_state_dict(payload["state_dict"])
+        enc.load_state_dict(_with_default_buffers(enc, payload["state_dict"]))
         return enc
 
     # ------------------------------------------------------------------------------ forward
@@ -300,7 +311,9 @@ class SlideEncoder(nn.Module):
         pad = padding_mask.to(torch.bool) if padding_mask is not None else None
         if pad is not None and cfg.num_prefix_tokens == 0 and bool(pad.all(-1).any()):
             raise ValueError("a slide in the batch has no tiles (all padded)")
-        x = self.input_proj(features)
+        x = self.input_proj(
+            (features - self.input_mean.to(features.dtype)) / self.input_std.to(features.dtype)
+        )
         if token_mask is not None:
             x = torch.where(token_mask[..., None], self.mask_token.to(x.dtype), x)
         if cfg.position == "sincos2d":
@@ -347,6 +360,12 @@ class SlideEncoder(nn.Module):
         """features [B, N, D_in], grid [B, N, 2], padding_mask [B, N] (True = pad) → [B, E]."""
         prefix, tiles = self.forward_tokens(features, grid, padding_mask)
         return self.readout(prefix, tiles, padding_mask)
+
+
+def _with_default_buffers(enc: nn.Module, state: dict[str, torch.Tensor]) -> dict:
+    """Checkpoints written before input standardisation existed load as mean 0, std 1."""
+    own = enc.state_dict()
+    return {**{k: own[k] for k in ("input_mean", "input_std") if k not in state}, **state}
 
 
 def _init_weights(m: nn.Module) -> None:

@@ -57,6 +57,7 @@ class PretrainRunConfig:
     encoder: str = "tiny"  # name/path under configs/slide_encoder/
     encoder_overrides: dict = dataclasses.field(default_factory=dict)
     match_input_dim: bool = False  # set the encoder's input_dim from the feature files
+    standardize_inputs: bool = True  # encoder input (x − cohort mean) / std, saved in encoder.pt
     objective: dict = dataclasses.field(default_factory=dict)  # PretrainConfig fields
     data: dict = dataclasses.field(default_factory=dict)  # PretrainDataConfig fields
     train: dict = dataclasses.field(default_factory=dict)  # TrainConfig fields
@@ -158,6 +159,8 @@ def run_pretrain(
         )
     order = np.random.default_rng(seed).permutation(len(ds))  # a fair sample when capped
     stats = feature_stats(ds.slide(int(i)).features for i in order)
+    if cfgd["standardize_inputs"]:
+        encoder.set_input_stats(*stats)
     model = MaskedFeatureModel(encoder, objective, feature_stats=stats)
     rank, world = dist_info()
     if rank == 0:
