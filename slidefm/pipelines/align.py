@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -27,17 +26,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from slidefm.config import (
-    ConfigError,
-    apply_overrides,
-    config_hash,
-    from_dict,
-    load_yaml,
-    resolve_config_path,
-)
+from slidefm.config import apply_overrides, config_hash, from_dict, load_yaml, resolve_config_path
 from slidefm.encoders.text import ReportTokenizer, TextTowerConfig, train_tokenizer
 from slidefm.eval.retrieval import build_index, per_query_metrics
-from slidefm.io.atomic import atomic_path
 from slidefm.io.bags import FeatureBagDataset
 from slidefm.io.embeddings import read_embeddings
 from slidefm.io.manifest import read_manifest
@@ -45,8 +36,16 @@ from slidefm.io.pairs import SlideReportPairs, collate_pairs
 from slidefm.models.clip import AlignModelConfig, SlideTextModel, clip_loss
 from slidefm.pipelines.embed import embed_dataset, file_sha256
 from slidefm.runtime import dist_info, pick_device, seed_everything
-from slidefm.train.data import make_loader
-from slidefm.train.loop import TrainConfig, Trainer, latest_checkpoint
+from slidefm.train.data import make_loader, training_bags
+from slidefm.train.loop import TrainConfig
+from slidefm.train.run_dir import (
+    PROVENANCE_KEYS,
+    RUN_CONFIG,
+    check_out_dir,
+    check_train_section,
+    fit_run,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +87,7 @@ def load_run_config(path: str | None, overrides: list[str] | None) -> dict[str, 
     from_dict(AlignModelConfig, run.model)
     TextTowerConfig(**run.model.get("text", {}))
     from_dict(AlignDataConfig, run.data)
-    bad = {"out_dir", "seed"} & set(run.train)
-    if bad:
-        raise ConfigError(f"train.{'/'.join(sorted(bad))} come from --out/--seed, not the config")
-    from_dict(TrainConfig, run.train)
+    check_train_section(run.train)
     return dataclasses.asdict(run)
 
 
@@ -290,11 +286,11 @@ def run_align(
         **tok_info,
         **enc_info,
     }
-    _check_out_dir(out, run_hash)
+    check_out_dir(out, run_hash)
     model = SlideTextModel(mcfg, slide_dim, tok_path, slide_encoder=enc)
     model.to(pick_device(tcfg.device) if world == 1 else torch.device("cpu"))
     if rank == 0:
-        _write_json(out / "run_config.json", info)
+        write_json(out / RUN_CONFIG, info)
 
     # Slides of training: precomputed embeddings (frozen encoder / H5) or bags (trainable).
     train_ids = train_df["slide_id"].astype(str).tolist()
@@ -303,18 +299,7 @@ def run_align(
         mcfg.slide_trainable == "frozen" and data.precompute_frozen
     )
     if use_bags:
-        crop = tuple(data.crop) if isinstance(data.crop, list) else data.crop
-        bags = FeatureBagDataset(
-            features,
-            slide_ids=train_ids,
-            max_tiles=data.max_tiles,
-            crop=crop,
-            augment=data.augment,
-            seed=seed,
-            cache=data.cache,
-            dropout=data.feature_dropout,
-        )
-        pairs_kw: dict[str, Any] = {"bags": bags}
+        pairs_kw: dict[str, Any] = {"bags": training_bags(features, train_ids, data, seed)}
     else:
         emb_src = {"features": features, "embeddings": embeddings}
         log.info("embedding %d training slides once (frozen encoder)", len(train_ids))
@@ -361,37 +346,16 @@ def run_align(
             z = val_emb_cache["z"]
         return val_metrics(m, z, val_reports)
 
-    trainer = Trainer(model, lambda mdl, batch: mdl(batch), loader, tcfg, eval_fn=eval_fn)
-    rows = trainer.fit(stop_at_step=stop_at_step)
-    info["steps"] = trainer.step
-    info["final"] = rows[-1] if rows else {}
-    if rank == 0 and trainer.step >= tcfg.max_steps:
-        extra = {k: info[k] for k in ("config_hash", "seed", "config_name", "steps")}
+    finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step)
+    if rank == 0 and finished:
+        extra = {k: info[k] for k in PROVENANCE_KEYS}
         extra.update(enc_info)
         extra.update(tok_info)
         extra["align_config"] = cfgd
         model.save_checkpoint(out / "align.pt", extra=extra)
         info["checkpoint"] = str(out / "align.pt")
-        _write_json(out / "run_config.json", info)
+        write_json(out / RUN_CONFIG, info)
     return info
-
-
-def _check_out_dir(out: Path, run_hash: str) -> None:
-    """Refuse to resume checkpoints of a different config into the same folder."""
-    prev = out / "run_config.json"
-    if latest_checkpoint(out / "checkpoints") is None or not prev.is_file():
-        return
-    old = json.loads(prev.read_text()).get("config_hash")
-    if old != run_hash:
-        raise ValueError(
-            f"{out} holds checkpoints of another config (hash {old}, now {run_hash}); "
-            "use a new --out, or --set train.resume=none to start over there"
-        )
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -10,30 +10,29 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from slidefm.config import (
-    ConfigError,
-    apply_overrides,
-    config_hash,
-    from_dict,
-    load_yaml,
-    resolve_config_path,
-)
+from slidefm.config import apply_overrides, config_hash, from_dict, load_yaml, resolve_config_path
 from slidefm.eval.rankme import rankme
-from slidefm.io.atomic import atomic_path
 from slidefm.io.bags import FeatureBagDataset, collate_bags, list_feature_files
 from slidefm.io.manifest import read_manifest
 from slidefm.models.pretrain import MaskedFeatureModel, PretrainConfig, feature_stats
 from slidefm.pipelines.embed import embed_dataset
 from slidefm.runtime import dist_info, seed_everything
-from slidefm.train.data import make_loader
-from slidefm.train.loop import TrainConfig, Trainer, latest_checkpoint
+from slidefm.train.data import make_loader, training_bags
+from slidefm.train.loop import TrainConfig
+from slidefm.train.run_dir import (
+    PROVENANCE_KEYS,
+    RUN_CONFIG,
+    check_out_dir,
+    check_train_section,
+    fit_run,
+    write_json,
+)
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +70,7 @@ def load_run_config(path: str | None, overrides: list[str] | None) -> dict[str, 
     run = from_dict(PretrainRunConfig, raw)
     from_dict(PretrainConfig, run.objective)
     from_dict(PretrainDataConfig, run.data)
-    bad = {"out_dir", "seed"} & set(run.train)
-    if bad:
-        raise ConfigError(f"train.{'/'.join(sorted(bad))} come from --out/--seed, not the config")
-    from_dict(TrainConfig, run.train)
+    check_train_section(run.train)
     return dataclasses.asdict(run)
 
 
@@ -122,17 +118,7 @@ def run_pretrain(
     tcfg = from_dict(TrainConfig, {**cfgd["train"], "out_dir": str(out), "seed": seed})
     ids = select_slides(features, manifest, split)
     train_ids, hold_ids = split_holdout(ids, data.holdout_fraction, data.min_holdout, seed)
-    crop = tuple(data.crop) if isinstance(data.crop, list) else data.crop
-    ds = FeatureBagDataset(
-        features,
-        slide_ids=train_ids,
-        max_tiles=data.max_tiles,
-        crop=crop,
-        augment=data.augment,
-        seed=seed,
-        cache=data.cache,
-        dropout=data.feature_dropout,
-    )
+    ds = training_bags(features, train_ids, data, seed)
     in_dim = int(ds.slide(0).features.shape[1])
     enc_kw = dict(cfgd["encoder_overrides"])
     if cfgd["match_input_dim"]:
@@ -148,7 +134,7 @@ def run_pretrain(
         "holdout_slides": hold_ids,
         "rankme_on": "holdout" if hold_ids else "train (too few slides for a holdout)",
     }
-    _check_out_dir(out, run_hash)
+    check_out_dir(out, run_hash)
     seed_everything(seed)
     encoder = SlideEncoder.from_config(cfgd["encoder"], **enc_kw)
     if encoder.config.input_dim != in_dim:
@@ -164,7 +150,7 @@ def run_pretrain(
     model = MaskedFeatureModel(encoder, objective, feature_stats=stats)
     rank, world = dist_info()
     if rank == 0:
-        _write_json(out / "run_config.json", info)
+        write_json(out / RUN_CONFIG, info)
     loader = make_loader(
         ds,
         data.batch_size,
@@ -181,35 +167,14 @@ def run_pretrain(
         _, z = embed_dataset(m.encoder, eval_ds)
         return {"rankme": rankme(z), "embedding_std": float(z.std(axis=0).mean())}
 
-    trainer = Trainer(model, lambda mdl, batch: mdl(batch), loader, tcfg, eval_fn=eval_fn)
-    rows = trainer.fit(stop_at_step=stop_at_step)
-    info["steps"] = trainer.step
-    info["final"] = rows[-1] if rows else {}
-    if rank == 0 and trainer.step >= tcfg.max_steps:
-        extra = {k: info[k] for k in ("config_hash", "seed", "config_name", "steps")}
+    finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step)
+    if rank == 0 and finished:
+        extra = {k: info[k] for k in PROVENANCE_KEYS}
         extra["pretrain_config"] = cfgd
         encoder.save_checkpoint(out / "encoder.pt", extra=extra)
         info["encoder_checkpoint"] = str(out / "encoder.pt")
-        _write_json(out / "run_config.json", info)
+        write_json(out / RUN_CONFIG, info)
     return info
-
-
-def _check_out_dir(out: Path, run_hash: str) -> None:
-    """Refuse to resume checkpoints of a different config into the same folder."""
-    prev = out / "run_config.json"
-    if latest_checkpoint(out / "checkpoints") is None or not prev.is_file():
-        return
-    old = json.loads(prev.read_text()).get("config_hash")
-    if old != run_hash:
-        raise ValueError(
-            f"{out} holds checkpoints of another config (hash {old}, now {run_hash}); "
-            "use a new --out, or --set train.resume=none to start over there"
-        )
-
-
-def _write_json(path: Path, obj: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str))
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -4,12 +4,14 @@ across DDP ranks) that can start part-way through an epoch without loading the s
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from slidefm.io.bags import FeatureBagDataset
 from slidefm.runtime import dist_info
 
 
@@ -68,4 +70,38 @@ def make_loader(
         pin_memory=pin_memory,
         generator=gen,
         persistent_workers=False,
+    )
+
+
+class BagDataConfig(Protocol):
+    """The bag fields that the (frozen) ``data`` sections of ``pretrain`` and ``align`` share;
+    read-only members, so frozen dataclasses match."""
+
+    @property
+    def max_tiles(self) -> int | None: ...
+    @property
+    def crop(self) -> Any: ...  # window side in grid cells, [min, max], or None (whole slide)
+    @property
+    def augment(self) -> bool: ...
+    @property
+    def cache(self) -> bool: ...
+    @property
+    def feature_dropout(self) -> float: ...
+
+
+def training_bags(
+    features: str | Path, slide_ids: Sequence[str], data: BagDataConfig, seed: int
+) -> FeatureBagDataset:
+    """The augmented training bags of a run, built one way for every command (a YAML list
+    ``crop`` becomes the (min, max) tuple ``FeatureBagDataset`` expects)."""
+    crop = tuple(data.crop) if isinstance(data.crop, list) else data.crop
+    return FeatureBagDataset(
+        features,
+        slide_ids=slide_ids,
+        max_tiles=data.max_tiles,
+        crop=crop,
+        augment=data.augment,
+        seed=seed,
+        cache=data.cache,
+        dropout=data.feature_dropout,
     )
