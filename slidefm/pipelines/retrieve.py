@@ -39,11 +39,14 @@ from slidefm.eval.retrieval import (
     search_excluding,
 )
 from slidefm.io.atomic import atomic_path
-from slidefm.io.manifest import read_manifest
-from slidefm.models.clip import SlideTextModel
 from slidefm.pipelines.align import case_reports, first_report, slide_embeddings
-from slidefm.pipelines.zero_shot import checkpoint_provenance
-from slidefm.runtime import pick_device, seed_everything
+from slidefm.pipelines.align_inputs import (
+    add_input_args,
+    add_run_args,
+    load_model,
+    manifest_rows,
+    run_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -86,19 +89,10 @@ def run_retrieve(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Run the retrieval tasks and write the outputs; returns {task: metrics} + provenance."""
-    seed_everything(seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    model = SlideTextModel.from_checkpoint(checkpoint).to(pick_device(device))
-    df = read_manifest(manifest)
-    if split:
-        if "split" not in df:
-            raise ValueError(f"--split {split} given but {manifest} has no 'split' column")
-        df = df[df["split"].astype(str) == split].reset_index(drop=True)
-        if df.empty:
-            raise ValueError(f"manifest {manifest} has no rows with split == {split!r}")
-    if label_column and label_column not in df:
-        raise ValueError(f"manifest has no label column {label_column!r}")
+    model, prov = load_model(checkpoint, device, seed)
+    df = manifest_rows(manifest, split, label_column)
     tasks = list(tasks or [t for t in TASKS if t != "slide2slide" or label_column])
     bad = [t for t in tasks if t not in TASKS]
     if bad:
@@ -198,7 +192,6 @@ def run_retrieve(
         results["text_queries"] = rows
     if client is not None:
         client.close()
-    prov = checkpoint_provenance(checkpoint, model)
     info = {
         "metrics": {t: m for t, m in results.items() if t != "text_queries"},
         "backend": backend,
@@ -217,14 +210,7 @@ def run_retrieve(
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("retrieve", help="slide<->report and slide->slide retrieval")
-    p.add_argument(
-        "--checkpoint", required=True, help="alignment checkpoint (<align out>/align.pt)"
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--features", help="folder of <slide_id>.h5 tile-feature files")
-    src.add_argument(
-        "--embeddings", help="slide-embedding H5 (same slide encoder as the checkpoint)"
-    )
+    add_input_args(p)
     p.add_argument("--manifest", required=True, help="CSV: slide_id, case_id, report (+ labels)")
     p.add_argument("--text-column", default="report", help="report column (default report)")
     p.add_argument("--label-column", help="diagnosis column: enables slide2slide, goes in payload")
@@ -235,11 +221,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--qdrant-url", help="Qdrant server URL instead of local mode")
     p.add_argument("--k", type=int, default=10, help="neighbours written per query")
     p.add_argument("--query", nargs="+", help="free-text queries: closest slides")
-    p.add_argument("--max-tiles", type=int, default=None, help="random tile subset per slide")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the CIs")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed, recorded (default 0)")
+    add_run_args(p)
     p.set_defaults(func=run)
 
 
@@ -257,8 +239,6 @@ def run(args: argparse.Namespace) -> int:
         args.checkpoint,
         args.manifest,
         args.out,
-        features=args.features,
-        embeddings=args.embeddings,
         text_column=args.text_column,
         label_column=args.label_column,
         split=args.split,
@@ -268,10 +248,7 @@ def run(args: argparse.Namespace) -> int:
         qdrant_url=args.qdrant_url,
         k=args.k,
         queries=args.query,
-        max_tiles=args.max_tiles,
-        n_boot=args.n_boot,
-        seed=args.seed,
-        device=args.device,
+        **run_kwargs(args),
     )
     rnd = " [RANDOM slide encoder]" if info["slide_encoder_weights"] == "random" else ""
     print(f"retrieval ({info['backend']}) over {info['num_slides']} slides{rnd}:")
