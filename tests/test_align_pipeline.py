@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from train_utils import fast_train, set_args
 
 from slidefm.cli import main
 from slidefm.io.embeddings import write_embeddings
@@ -22,15 +23,7 @@ TERMS = {
     "spindle_cell": "spindle cell neoplasm",
     "papillary": "papillary carcinoma",
 }
-FAST = [
-    "train.max_steps=6",
-    "train.warmup_steps=2",
-    "train.ckpt_every=3",
-    "train.eval_every=3",
-    "train.log_every=1",
-    "train.progress=false",
-    "data.batch_size=8",
-]
+FAST = fast_train(batch_size=8)
 
 
 def toy_cohort(folder, n_cases=48, dim=64, seed=0, two_slide_cases=4):
@@ -95,7 +88,7 @@ def aligned(cohort, tmp_path_factory):
             "train.eval_every=40", "train.ckpt_every=40", "model.embed_dim=32",
             "model.text.width=32", "model.text.heads=2", "model.text.output_dim=32",
             "model.text.context_length=48"]  # fmt: skip
-    rc = main(args + ["--out", str(out), "--seed", "1"] + [x for s in sets for x in ("--set", s)])
+    rc = main(args + ["--out", str(out), "--seed", "1"] + set_args(sets))
     assert rc == 0
     return out
 

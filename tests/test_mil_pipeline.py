@@ -79,31 +79,23 @@ FAST = [
 ]
 
 
+def mil_train(manifest, feats, out, *extra, label="marker") -> int:
+    """``slidefm mil train`` on a cohort of ``make_cohort``; returns the exit code."""
+    argv = ["mil", "train", "--manifest", str(manifest), "--features", str(feats)]
+    return main([*argv, "--label", label, "--out", str(out), *extra])
+
+
+def mil_predict(checkpoint, manifest, feats, out, *extra) -> int:
+    """``slidefm mil predict`` (no progress bar); returns the exit code."""
+    argv = ["mil", "predict", "--checkpoint", str(checkpoint), "--manifest", str(manifest)]
+    return main([*argv, "--features", str(feats), "--out", str(out), *extra, "--no-progress"])
+
+
 def test_mil_train_cv_and_predict(tmp_path):
     manifest, feats = make_cohort(tmp_path)
     out = tmp_path / "run"
-    rc = main(
-        [
-            "mil",
-            "train",
-            "--manifest",
-            str(manifest),
-            "--features",
-            str(feats),
-            "--label",
-            "marker",
-            "--model",
-            "abmil",
-            "--folds",
-            "3",
-            "--seeds",
-            "0,1",
-            "--out",
-            str(out),
-            *FAST,
-        ]
-    )
-    assert rc == 0
+    cv = ["--folds", "3", "--seeds", "0,1", *FAST]
+    assert mil_train(manifest, feats, out, "--model", "abmil", *cv) == 0
     df = pd.read_csv(manifest)
     preds = pd.read_csv(out / "predictions.csv")
     for _seed, part in preds.groupby("seed"):  # out-of-fold: every slide tested once per seed
@@ -121,71 +113,14 @@ def test_mil_train_cv_and_predict(tmp_path):
     assert (out / "seed1" / "fold2" / "train" / "metrics.csv").is_file()
     # a repeated run skips finished folds and gives the same predictions
     mtime = (out / "seed0" / "fold0" / "model.pt").stat().st_mtime_ns
-    assert (
-        main(
-            [
-                "mil",
-                "train",
-                "--manifest",
-                str(manifest),
-                "--features",
-                str(feats),
-                "--label",
-                "marker",
-                "--model",
-                "abmil",
-                "--folds",
-                "3",
-                "--seeds",
-                "0,1",
-                "--out",
-                str(out),
-                *FAST,
-            ]
-        )
-        == 0
-    )
+    assert mil_train(manifest, feats, out, "--model", "abmil", *cv) == 0
     assert (out / "seed0" / "fold0" / "model.pt").stat().st_mtime_ns == mtime
     pd.testing.assert_frame_equal(pd.read_csv(out / "predictions.csv"), preds)
     # the run folder's splits belong to this label: another label must not silently reuse them
-    argv = [
-        "mil",
-        "train",
-        "--manifest",
-        str(manifest),
-        "--features",
-        str(feats),
-        "--label",
-        "m2",
-        "--folds",
-        "3",
-        "--seeds",
-        "0,1",
-        "--out",
-        str(out),
-        *FAST,
-    ]
-    assert main(argv) == 2
+    assert mil_train(manifest, feats, out, *cv, label="m2") == 2
     # predict with one fold model, then with the whole run (fold ensemble), patient level
     one = tmp_path / "one.csv"
-    assert (
-        main(
-            [
-                "mil",
-                "predict",
-                "--checkpoint",
-                str(out / "seed0" / "fold0" / "model.pt"),
-                "--manifest",
-                str(manifest),
-                "--features",
-                str(feats),
-                "--out",
-                str(one),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert mil_predict(out / "seed0" / "fold0" / "model.pt", manifest, feats, one) == 0
     p1 = pd.read_csv(one)
     assert len(p1) == len(df) and set(p1["pred"]) <= {"neg", "pos"}
     # the checkpoint (incl. its feature standardisation) reproduces the fold's test predictions
@@ -193,25 +128,7 @@ def test_mil_train_cv_and_predict(tmp_path):
     np.testing.assert_allclose(p1.set_index("slide_id").loc[oof.index, "prob_pos"], oof, rtol=1e-5)
     np.testing.assert_allclose(p1[["prob_neg", "prob_pos"]].sum(axis=1), 1.0, rtol=1e-6)
     ens = tmp_path / "ens.csv"
-    assert (
-        main(
-            [
-                "mil",
-                "predict",
-                "--checkpoint",
-                str(out),
-                "--manifest",
-                str(manifest),
-                "--features",
-                str(feats),
-                "--out",
-                str(ens),
-                "--patient-level",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert mil_predict(out, manifest, feats, ens, "--patient-level") == 0
     pe = pd.read_csv(ens)
     assert len(pe) == df["case_id"].nunique()
     assert (
@@ -230,30 +147,9 @@ def test_mil_train_cv_and_predict(tmp_path):
 def test_other_models_and_manifest_split(tmp_path, model, extra):
     manifest, feats = make_cohort(tmp_path, n_patients=16)
     out = tmp_path / model
-    rc = main(
-        [
-            "mil",
-            "train",
-            "--manifest",
-            str(manifest),
-            "--features",
-            str(feats),
-            "--label",
-            "marker",
-            "--model",
-            model,
-            "--folds",
-            "0",
-            "--out",
-            str(out),
-            "--patient-level",
-            *FAST[:-4],
-            "--lr",
-            "0.003",
-            *extra,
-        ]
-    )
-    assert rc == 0
+    fast = [*FAST[:-4], "--lr", "0.003"]  # no model_kwargs: each model's own sizes
+    args = ["--model", model, "--folds", "0", "--patient-level", *fast, *extra]
+    assert mil_train(manifest, feats, out, *args) == 0
     res = json.loads((out / "results.json").read_text())
     test_cases = pd.read_csv(manifest).query("split == 'test'")["case_id"].nunique()
     assert res["level"] == "patient" and res["n_slides_or_patients"] == test_cases
@@ -267,23 +163,10 @@ def write_manifest(path, rows):
 def test_bad_manifests_give_clear_errors(tmp_path, capsys):
     manifest, feats = make_cohort(tmp_path, n_patients=8)
     df = pd.read_csv(manifest)
-    base = [
-        "mil",
-        "train",
-        "--features",
-        str(feats),
-        "--label",
-        "marker",
-        "--folds",
-        "2",
-        "--out",
-        str(tmp_path / "o"),
-        "--no-progress",
-    ]
 
     def err(rows, *extra):
         m = write_manifest(tmp_path / "bad.csv", rows)
-        assert main([*base, "--manifest", str(m), *extra]) == 2
+        assert mil_train(m, feats, tmp_path / "o", "--folds", "2", "--no-progress", *extra) == 2
         return capsys.readouterr().err
 
     missing = pd.concat(
@@ -394,26 +277,9 @@ def test_lazy_bags_equal_cached_bags(tmp_path):
 def test_multilabel_training(tmp_path):
     manifest, feats = make_cohort(tmp_path, n_patients=24)
     out = tmp_path / "ml"
-    rc = main(
-        [
-            "mil",
-            "train",
-            "--manifest",
-            str(manifest),
-            "--features",
-            str(feats),
-            "--label",
-            "m1,m2",
-            "--folds",
-            "3",
-            "--out",
-            str(out),
-            *FAST,
-            "--epochs",
-            "10",
-        ]
+    assert (
+        mil_train(manifest, feats, out, "--folds", "3", *FAST, "--epochs", "10", label="m1,m2") == 0
     )
-    assert rc == 0
     res = json.loads((out / "results.json").read_text())
     assert res["task"]["multilabel"] and set(res["summary"]) == {
         "auroc_macro",
@@ -433,30 +299,14 @@ def test_slide_encoder_model_from_config_and_checkpoint(tmp_path, capsys):
 
     manifest, feats = make_cohort(tmp_path, n_patients=12)
     out = tmp_path / "se_random"
-    base = [
-        "mil",
-        "train",
-        "--manifest",
-        str(manifest),
-        "--features",
-        str(feats),
-        "--label",
-        "marker",
-        "--model",
-        "slide_encoder",
-        "--folds",
-        "0",
-        *FAST[:-4],
-        "--epochs",
-        "2",
-    ]
-    assert main([*base, "--slide-encoder", "tiny", "--out", str(out)]) == 0
+    se = ["--model", "slide_encoder", "--folds", "0", *FAST[:-4], "--epochs", "2"]
+    assert mil_train(manifest, feats, out, *se, "--slide-encoder", "tiny") == 0
     res = json.loads((out / "results.json").read_text())
     assert any("slide encoder 'tiny' is RANDOMLY INITIALISED" in n for n in res["notes"])
     ckpt = tmp_path / "enc.pt"
     SlideEncoder.from_config("tiny", input_dim=D).save_checkpoint(ckpt)
     out2 = tmp_path / "se_ckpt"
-    assert main([*base, "--slide-encoder", str(ckpt), "--finetune", "--out", str(out2)]) == 0
+    assert mil_train(manifest, feats, out2, *se, "--slide-encoder", str(ckpt), "--finetune") == 0
     res2 = json.loads((out2 / "results.json").read_text())
     assert (
         not any("slide encoder" in n for n in res2["notes"])
@@ -465,24 +315,7 @@ def test_slide_encoder_model_from_config_and_checkpoint(tmp_path, capsys):
     fold_model = out2 / "seed0" / "fold0" / "model.pt"
     ckpt.unlink()  # the MIL checkpoint is self-contained
     pred = tmp_path / "p.csv"
-    assert (
-        main(
-            [
-                "mil",
-                "predict",
-                "--checkpoint",
-                str(fold_model),
-                "--manifest",
-                str(manifest),
-                "--features",
-                str(feats),
-                "--out",
-                str(pred),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert mil_predict(fold_model, manifest, feats, pred) == 0
     test_ids = pd.read_csv(manifest).query("split == 'test'")["slide_id"]
     oof = pd.read_csv(out2 / "predictions.csv").set_index("slide_id").loc[test_ids, "prob_pos"]
     np.testing.assert_allclose(
@@ -509,7 +342,7 @@ def test_slide_encoder_model_from_config_and_checkpoint(tmp_path, capsys):
     wrong = tmp_path / "enc16.pt"
     SlideEncoder.from_config("tiny", input_dim=16).save_checkpoint(wrong)
     capsys.readouterr()
-    assert main([*base, "--slide-encoder", str(wrong), "--out", str(tmp_path / "bad")]) == 2
+    assert mil_train(manifest, feats, tmp_path / "bad", *se, "--slide-encoder", str(wrong)) == 2
     assert "16-d tile features" in capsys.readouterr().err
 
 

@@ -11,6 +11,7 @@ import pandas as pd
 import pytest
 import torch
 from bag_utils import write_random_bags
+from train_utils import fast_train, set_args
 
 from slidefm.cli import main
 from slidefm.io.embeddings import read_embeddings
@@ -18,15 +19,7 @@ from slidefm.io.features import read_features
 from slidefm.models.slide_encoder import SlideEncoder
 from slidefm.pipelines.pretrain import run_pretrain
 
-FAST = [
-    "train.max_steps=6",
-    "train.warmup_steps=2",
-    "train.ckpt_every=3",
-    "train.eval_every=3",
-    "train.log_every=1",
-    "train.progress=false",
-    "data.batch_size=2",
-]
+FAST = fast_train(batch_size=2)
 
 
 def read_csv(path):
@@ -46,7 +39,7 @@ def pretrained(cohort, tmp_path_factory):
     feats, _ = cohort
     out = tmp_path_factory.mktemp("pre")
     args = ["pretrain", "--config", "tiny", "--features", str(feats), "--out", str(out)]
-    rc = main(args + [x for o in FAST for x in ("--set", o)] + ["--seed", "3"])
+    rc = main(args + set_args(FAST) + ["--seed", "3"])
     assert rc == 0
     return out
 

@@ -38,34 +38,17 @@ def cohort(tmp_path, n_patients=40, sep=3.0, seed=0):
     return manifest, emb, df, np.asarray(embs)
 
 
+def probe(emb, manifest, out, *extra) -> int:
+    """``slidefm probe`` on the ``subtype`` label (no progress bar); returns the exit code."""
+    argv = ["probe", "--embeddings", str(emb), "--manifest", str(manifest), "--label", "subtype"]
+    return main([*argv, "--out", str(out), *extra, "--no-progress"])
+
+
 def test_probe_cli_outputs_and_numbers(tmp_path, capsys):
     manifest, emb, df, x = cohort(tmp_path)
     out = tmp_path / "probe"
-    rc = main(
-        [
-            "probe",
-            "--embeddings",
-            str(emb),
-            "--manifest",
-            str(manifest),
-            "--label",
-            "subtype",
-            "--out",
-            str(out),
-            "--folds",
-            "3",
-            "--seeds",
-            "0,1",
-            "--shots",
-            "1,4,64",
-            "--draws",
-            "5",
-            "--n-boot",
-            "100",
-            "--no-progress",
-        ]
-    )
-    assert rc == 0
+    cv = ["--folds", "3", "--seeds", "0,1", "--shots", "1,4,64", "--draws", "5"]
+    assert probe(emb, manifest, out, *cv, "--n-boot", "100") == 0
     assert "RANDOMLY INITIALISED" in capsys.readouterr().out
     summ = json.loads((out / "summary.json").read_text())
     assert summ["random_weights"] is True
@@ -93,31 +76,8 @@ def test_probe_cli_outputs_and_numbers(tmp_path, capsys):
         ).is_file()
     # the same splits can be reused (e.g. from a MIL run) and give identical partitions
     out2 = tmp_path / "probe2"
-    assert (
-        main(
-            [
-                "probe",
-                "--embeddings",
-                str(emb),
-                "--manifest",
-                str(manifest),
-                "--label",
-                "subtype",
-                "--out",
-                str(out2),
-                "--splits",
-                str(out / "splits.csv"),
-                "--seeds",
-                "1",
-                "--probes",
-                "linear",
-                "--n-boot",
-                "50",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    reuse = ["--splits", str(out / "splits.csv"), "--seeds", "1", "--probes", "linear"]
+    assert probe(emb, manifest, out2, *reuse, "--n-boot", "50") == 0
     s1 = pd.read_csv(out / "splits.csv").query("seed == 1").reset_index(drop=True)
     pd.testing.assert_frame_equal(pd.read_csv(out2 / "splits.csv"), s1)
 
@@ -127,17 +87,7 @@ def test_probe_errors(tmp_path, capsys):
     extra = pd.concat([df, pd.DataFrame([{"slide_id": "NEW", "case_id": "PX", "subtype": "luad"}])])
     m2 = tmp_path / "m2.csv"
     extra.to_csv(m2, index=False)
-    base = [
-        "probe",
-        "--embeddings",
-        str(emb),
-        "--label",
-        "subtype",
-        "--out",
-        str(tmp_path / "o"),
-        "--no-progress",
-    ]
-    assert main([*base, "--manifest", str(m2)]) == 2
+    assert probe(emb, m2, tmp_path / "o") == 2
     assert "NEW" in capsys.readouterr().err
-    assert main([*base, "--manifest", str(manifest), "--probes", "svm"]) == 2
+    assert probe(emb, manifest, tmp_path / "o", "--probes", "svm") == 2
     assert "svm" in capsys.readouterr().err
