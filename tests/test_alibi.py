@@ -8,14 +8,7 @@ import torch
 
 from slidefm.models.alibi import alibi_2d_bias, alibi_2d_bias_block, alibi_slopes
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing shared CPUs (10-50x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Exponents e_h in slope_h = 2^(-e_h), spelled out from Press et al. (power-of-two H: 8h/H) and

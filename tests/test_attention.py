@@ -10,14 +10,7 @@ import slidefm.models.attention as attn
 from slidefm.models.alibi import alibi_slopes
 from slidefm.models.attention import attention_with_lse, full_attention
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing shared CPUs (10-50x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def inputs(bsz, heads, n_tiles, n_prefix, dh=8, seed=0, side=50, dtype=torch.float32):

@@ -15,14 +15,7 @@ import torch
 
 from slidefm.models.dilated import dilated_attention
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing shared CPUs (10-50x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def oracle(q, k, v, segs, dils, pad=None):

@@ -11,14 +11,7 @@ from slidefm.config import ConfigError
 from slidefm.models.posenc import sincos_2d
 from slidefm.models.slide_encoder import SlideEncoder, SlideEncoderConfig
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscribing shared CPUs (10-50x faster here)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 D = 24
