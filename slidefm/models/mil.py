@@ -34,7 +34,35 @@ def _tile_mlp(in_dim: int, hidden: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Dropout(dropout))
 
 
-class PoolMIL(nn.Module):
+class _TileMIL(nn.Module):
+    """Per-tile MLP ``self.tile`` → pooling over the real tiles (``_pool``) → linear ``self.head``.
+
+    The subclasses build ``tile`` and ``head`` in their own ``__init__`` (the order of module
+    creation fixes the seeded initialisation, so it stays as it was); they share this forward.
+    """
+
+    tile: nn.Module
+    head: nn.Module
+
+    def _pool(
+        self, h: torch.Tensor, pad: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """h [B, N, H], pad [B, N] → (pooled [B, H], extra outputs such as ``attention``)."""
+        raise NotImplementedError
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        grid: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+    ) -> dict[str, torch.Tensor]:
+        pad = _mask(features, padding_mask)
+        h = self.tile(features)  # [B, N, H]
+        pooled, extra = self._pool(h, pad)
+        return {"logits": self.head(pooled), **extra}
+
+
+class PoolMIL(_TileMIL):
     """Baselines: per-tile MLP, then masked mean or max over tiles, then a linear classifier.
 
     Mean pooling can learn "how much of X is in the slide"; neither can use tile positions.
@@ -55,24 +83,17 @@ class PoolMIL(nn.Module):
         self.tile = _tile_mlp(in_dim, hidden, dropout)
         self.head = nn.Linear(hidden, num_classes)
 
-    def forward(
-        self,
-        features: torch.Tensor,
-        grid: torch.Tensor | None = None,
-        padding_mask: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        pad = _mask(features, padding_mask)
-        h = self.tile(features)  # [B, N, H]
+    def _pool(
+        self, h: torch.Tensor, pad: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         if self.pool == "mean":
             keep = (~pad).unsqueeze(-1).to(h.dtype)
-            pooled = (h * keep).sum(1) / keep.sum(1).clamp_min(1.0)
-        else:
-            pooled = h.masked_fill(pad.unsqueeze(-1), float("-inf")).amax(1)
-            pooled = torch.nan_to_num(pooled, neginf=0.0)  # an all-pad bag gives zeros
-        return {"logits": self.head(pooled)}
+            return (h * keep).sum(1) / keep.sum(1).clamp_min(1.0), {}
+        pooled = h.masked_fill(pad.unsqueeze(-1), float("-inf")).amax(1)
+        return torch.nan_to_num(pooled, neginf=0.0), {}  # an all-pad bag gives zeros
 
 
-class ABMIL(nn.Module):
+class ABMIL(_TileMIL):
     """Gated attention MIL (Ilse et al. 2018; CLAM-SB layout).
 
     a_i = w^T (tanh(V h_i) ⊙ sigmoid(U h_i)); attention = softmax over the bag's real tiles;
@@ -94,19 +115,14 @@ class ABMIL(nn.Module):
         self.attn_w = nn.Linear(attn_dim, 1)
         self.head = nn.Linear(hidden, num_classes)
 
-    def forward(
-        self,
-        features: torch.Tensor,
-        grid: torch.Tensor | None = None,
-        padding_mask: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        pad = _mask(features, padding_mask)
-        h = self.tile(features)  # [B, N, H]
+    def _pool(
+        self, h: torch.Tensor, pad: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         a = self.attn_w(self.attn_v(h) * self.attn_u(h)).squeeze(-1)  # [B, N] raw scores
         a = a.float().masked_fill(pad, float("-inf"))
         w = torch.nan_to_num(torch.softmax(a, dim=1), nan=0.0)  # all-pad bag → zeros
         pooled = torch.einsum("bn,bnh->bh", w.to(h.dtype), h)
-        return {"logits": self.head(pooled), "attention": w, "attention_raw": a}
+        return pooled, {"attention": w, "attention_raw": a}
 
 
 def _pinv(x: torch.Tensor) -> torch.Tensor:
