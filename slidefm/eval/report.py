@@ -46,10 +46,10 @@ def evaluate_predictions(
 ) -> dict[str, Any]:
     """→ {"per_fold": [...], "per_seed": [...], "summary": {metric: {...}}, counts} (module doc)."""
     fns = metric_functions(task.num_classes, task.multilabel)
-    folds, seeds = [], []
-    for (s, f), part in preds.groupby(["seed", "fold"], sort=True):
+
+    def scored(part: pd.DataFrame, row: dict[str, Any]) -> dict[str, Any]:
+        """``row`` + every metric of ``part`` with its patient-bootstrap CI (``_lo``/``_hi``)."""
         y, p = _arrays(part, task)
-        row: dict[str, Any] = {"seed": int(s), "fold": int(f), "n": len(part)}
         for i, (name, fn) in enumerate(fns.items()):
             v, lo, hi = bootstrap_ci(
                 fn,
@@ -61,22 +61,16 @@ def evaluate_predictions(
                 groups=part["case_id"].to_numpy(),
             )
             row.update({name: v, f"{name}_lo": lo, f"{name}_hi": hi})
-        folds.append(row)
-    for s, part in preds.groupby("seed", sort=True):
-        y, p = _arrays(part, task)
-        row = {"seed": int(s), "n": len(part)}
-        for i, (name, fn) in enumerate(fns.items()):
-            v, lo, hi = bootstrap_ci(
-                fn,
-                y,
-                p,
-                n_boot=n_boot,
-                alpha=alpha,
-                seed=seed + i,
-                groups=part["case_id"].to_numpy(),
-            )
-            row.update({name: v, f"{name}_lo": lo, f"{name}_hi": hi})
-        seeds.append(row)
+        return row
+
+    folds = [
+        scored(part, {"seed": int(s), "fold": int(f), "n": len(part)})
+        for (s, f), part in preds.groupby(["seed", "fold"], sort=True)
+    ]
+    seeds = [
+        scored(part, {"seed": int(s), "n": len(part)})
+        for s, part in preds.groupby("seed", sort=True)
+    ]
     y, p = _arrays(preds, task)
     p_seeded = np.concatenate([preds[["seed"]].to_numpy(dtype=np.float64), p], axis=1)
     fold_df, seed_df = pd.DataFrame(folds), pd.DataFrame(seeds)
