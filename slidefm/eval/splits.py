@@ -10,7 +10,7 @@ Split table (one row per slide per seed and fold):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +148,15 @@ def check_splits(splits: pd.DataFrame, slide_ids: Sequence[str] | None = None) -
                     f"Split table seed {seed} fold {fold} does not match the manifest: "
                     f"{len(want - have)} slide(s) missing, {len(have - want)} unknown; delete the splits file to rebuild it"
                 )
+
+
+def fold_indices(part: pd.DataFrame, pos: Mapping[str, int]) -> dict[str, np.ndarray]:
+    """One (seed, fold) of a split table → {train, val, test: int64 manifest rows}, where
+    ``pos`` maps slide_id → its row in the manifest (the order features/embeddings are held in)."""
+    return {
+        n: np.array([pos[s] for s in part.loc[part["split"] == n, "slide_id"]], dtype=np.int64)
+        for n in SPLIT_NAMES
+    }
 
 
 def save_splits(splits: pd.DataFrame, path: str | Path) -> Path:

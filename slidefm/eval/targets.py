@@ -117,6 +117,30 @@ def target_frame(y: np.ndarray, task: Task) -> pd.DataFrame:
     return pd.DataFrame({"y": np.asarray(y)})
 
 
+def prediction_frame(
+    test: pd.DataFrame,
+    y: np.ndarray,
+    task: Task,
+    seed: int,
+    fold: int,
+    prob: np.ndarray | None = None,
+) -> pd.DataFrame:
+    """Prediction-table rows of one (seed, fold): ``seed, fold, slide_id, case_id``, the targets
+    ``y`` of the ``test`` manifest rows and, when given, ``prob`` [N, C] as ``prob_<class>``."""
+    keys = pd.DataFrame(
+        {
+            "seed": int(seed),
+            "fold": int(fold),
+            "slide_id": test["slide_id"].astype(str).to_numpy(),
+            "case_id": test["case_id"].astype(str).to_numpy(),
+        }
+    )
+    parts = [keys, target_frame(y, task)]
+    if prob is not None:
+        parts.append(pd.DataFrame(prob, columns=task.prob_columns))
+    return pd.concat(parts, axis=1)
+
+
 def check_feature_files(df: pd.DataFrame, features_dir: str | Path) -> list[Path]:
     """``<features_dir>/<slide_id>.h5`` for every row; a missing one is an error that lists them."""
     d = Path(features_dir)

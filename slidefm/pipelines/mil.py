@@ -35,13 +35,20 @@ from slidefm.eval.report import (
     write_json,
     write_report,
 )
-from slidefm.eval.splits import load_or_make_splits, load_splits, save_splits, splits_from_manifest
+from slidefm.eval.splits import (
+    fold_indices,
+    load_or_make_splits,
+    load_splits,
+    save_splits,
+    splits_from_manifest,
+)
 from slidefm.eval.targets import (
     Task,
     aggregate_patients,
     check_feature_files,
     encode_targets,
     make_task,
+    prediction_frame,
     target_frame,
 )
 from slidefm.io.atomic import atomic_path
@@ -560,12 +567,7 @@ def run_cv(
             log.info("seed %s fold %s: done, skipping", seed, fold)
             all_preds.append(pd.read_csv(done, dtype={"slide_id": str, "case_id": str}))
             continue
-        idx = {
-            name: np.array(
-                [pos[s] for s in part.loc[part["split"] == name, "slide_id"]], dtype=np.int64
-            )
-            for name in ("train", "val", "test")
-        }
+        idx = fold_indices(part, pos)
         for name in ("train", "val", "test"):
             if len(idx[name]) == 0:
                 raise ValueError(
@@ -582,22 +584,7 @@ def run_cv(
         prob = predict_bags(
             model, BagDataset(bags, idx["test"], y), cfg.eval_batch_size, device, task.multilabel
         )
-        test = df.iloc[idx["test"]]
-        preds = pd.concat(
-            [
-                pd.DataFrame(
-                    {
-                        "seed": int(seed),
-                        "fold": int(fold),
-                        "slide_id": test["slide_id"].astype(str).to_numpy(),
-                        "case_id": test["case_id"].astype(str).to_numpy(),
-                    }
-                ),
-                target_frame(y[idx["test"]], task),
-                pd.DataFrame(prob, columns=task.prob_columns),
-            ],
-            axis=1,
-        )
+        preds = prediction_frame(df.iloc[idx["test"]], y[idx["test"]], task, seed, fold, prob)
         meta.update(
             seed=int(seed),
             fold=int(fold),

@@ -30,8 +30,14 @@ from slidefm.eval.report import (
     write_json,
     write_report,
 )
-from slidefm.eval.splits import load_or_make_splits, load_splits, save_splits, splits_from_manifest
-from slidefm.eval.targets import aggregate_patients, encode_targets, make_task, target_frame
+from slidefm.eval.splits import (
+    fold_indices,
+    load_or_make_splits,
+    load_splits,
+    save_splits,
+    splits_from_manifest,
+)
+from slidefm.eval.targets import aggregate_patients, encode_targets, make_task, prediction_frame
 from slidefm.io.manifest import ManifestError, read_manifest
 
 PROBES = ("linear", "knn", "fewshot")
@@ -80,26 +86,9 @@ def run(args: argparse.Namespace) -> int:
     fs_rows, chosen_c = [], []
     groups = list(splits.groupby(["seed", "fold"], sort=True))
     for (seed, fold), part in tqdm(groups, desc="probing", unit="fold", disable=args.no_progress):
-        idx = {
-            n: np.array([pos[s] for s in part.loc[part["split"] == n, "slide_id"]], dtype=np.int64)
-            for n in ("train", "val", "test")
-        }
+        idx = fold_indices(part, pos)
         trval = np.concatenate([idx["train"], idx["val"]])
-        test = df.iloc[idx["test"]]
-        base = pd.concat(
-            [
-                pd.DataFrame(
-                    {
-                        "seed": int(seed),
-                        "fold": int(fold),
-                        "slide_id": test["slide_id"].astype(str).to_numpy(),
-                        "case_id": test["case_id"].astype(str).to_numpy(),
-                    }
-                ),
-                target_frame(y[idx["test"]], task),
-            ],
-            axis=1,
-        )
+        test, y_test = df.iloc[idx["test"]], y[idx["test"]]
         if "linear" in probes:
             res = linear_probe(
                 x[idx["train"]],
@@ -111,20 +100,16 @@ def run(args: argparse.Namespace) -> int:
                 seed=int(seed),
             )
             chosen_c.append({"seed": int(seed), "fold": int(fold), "C": res.best_c})
-            rows["linear"].append(
-                pd.concat([base, pd.DataFrame(res.proba, columns=task.prob_columns)], axis=1)
-            )
+            rows["linear"].append(prediction_frame(test, y_test, task, seed, fold, res.proba))
         if "knn" in probes:
             proba = knn_probe(x[trval], y[trval], x[idx["test"]], task.num_classes, k=args.k)
-            rows["knn"].append(
-                pd.concat([base, pd.DataFrame(proba, columns=task.prob_columns)], axis=1)
-            )
+            rows["knn"].append(prediction_frame(test, y_test, task, seed, fold, proba))
         if "fewshot" in probes:
             fs = few_shot(
                 x[trval],
                 y[trval],
                 x[idx["test"]],
-                y[idx["test"]],
+                y_test,
                 task.num_classes,
                 shots,
                 args.draws,
