@@ -16,7 +16,6 @@ Figures: <out>/retrieval/similarity.png (test slides × test reports, sorted by 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -68,8 +67,7 @@ def similarity_png(model, emb: np.ndarray, test: pd.DataFrame, path: Path) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    vl_workflow.add_args(ap)
+    ap = vl_workflow.parser(__doc__)
     ap.add_argument("--backend", default="exact", choices=["exact", "faiss", "qdrant"])
     a = ap.parse_args(argv)
     paths = vl_workflow.prepare(a)
@@ -81,20 +79,14 @@ def main(argv: list[str] | None = None) -> int:
     df = pd.read_csv(paths["manifest"])
     test = df[df.split == "test"].reset_index(drop=True)
     summary = {}
-    for run in ("pretrained", "random_encoder"):
-        if run not in paths:
-            continue
+    for run, ckpt in vl_workflow.aligned_runs(paths):
         info = run_retrieve(
-            paths[run],
+            ckpt,
             paths["manifest"],
             out / run,
-            features=str(paths["features"]),
-            label_column="subtype",
-            split="test",
             backend=a.backend,
             queries=QUERIES if run == "pretrained" else None,
-            n_boot=a.n_boot,
-            seed=a.seed,
+            **vl_workflow.test_split(paths, a),
         )
         print(f"\nretrieval ({a.backend}), slide encoder {run}: {info['num_slides']} test "
               f"slides, {info['num_reports']} test reports")  # fmt: skip
@@ -132,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\nfigure: {out}/similarity.png; neighbours: {out}/pretrained/neighbours_*.csv")
-    print("NOTE: tile features come from a tiny ViT with RANDOM weights (offline demo).")
+    print(vl_workflow.NOTE)
     return 0
 
 

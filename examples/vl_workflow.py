@@ -21,10 +21,13 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample" / "CMU-1-Small-Region.svs"
 TILE_ENCODER = ("--encoder", "vit_tiny_dev", "--weights", "random")
+RUNS = ("pretrained", "random_encoder")  # alignment runs: pretrained vs random slide encoder
+NOTE = "NOTE: tile features come from a tiny ViT with RANDOM weights (offline demo)."
 
 
 def add_args(ap: argparse.ArgumentParser) -> None:
@@ -37,6 +40,32 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--align-steps", type=int, default=300)
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the CIs")
     ap.add_argument("--no-ablation", action="store_true", help="skip the random-encoder run")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """An example's command line: its docstring as help, the shared options of ``add_args``."""
+    ap = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
+    add_args(ap)
+    return ap
+
+
+def aligned_runs(paths: dict[str, Path]) -> list[tuple[str, Path]]:
+    """(run name, align.pt) of every alignment run ``prepare`` made (no ablation: one)."""
+    return [(run, paths[run]) for run in RUNS if run in paths]
+
+
+def test_split(paths: dict[str, Path], a: argparse.Namespace) -> dict[str, Any]:
+    """Keyword arguments of ``run_zero_shot`` / ``run_retrieve`` that score the held-out
+    patients' slides (split == test) by subtype, from the cohort's tile features."""
+    return {
+        "features": str(paths["features"]),
+        "label_column": "subtype",
+        "split": "test",
+        "n_boot": a.n_boot,
+        "seed": a.seed,
+    }
 
 
 def _cli(args: list[str]) -> None:

@@ -15,7 +15,6 @@ Figures: <out>/zero_shot/<run>/confusion_matrix.png and <out>/zero_shot/summary.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -50,28 +49,20 @@ def summary_png(results: dict[str, dict], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    vl_workflow.add_args(ap)
-    a = ap.parse_args(argv)
+    a = vl_workflow.parser(__doc__).parse_args(argv)
     paths = vl_workflow.prepare(a)
     from slidefm.eval.zero_shot import format_metrics
     from slidefm.pipelines.zero_shot import run_zero_shot
 
     out = paths["out"] / "zero_shot"
     results, report = {}, {}
-    for run in ("pretrained", "random_encoder"):
-        if run not in paths:
-            continue
+    for run, ckpt in vl_workflow.aligned_runs(paths):
         res = run_zero_shot(
-            paths[run],
+            ckpt,
             PROMPTS,
             out / run,
-            features=str(paths["features"]),
             manifest=str(paths["manifest"]),
-            label_column="subtype",
-            split="test",
-            n_boot=a.n_boot,
-            seed=a.seed,
+            **vl_workflow.test_split(paths, a),
         )
         results[run] = res["metrics"]
         n = int(res["metrics"]["n"]["value"])
@@ -97,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     report["real_slide"] = probs
     (out / "summary.json").write_text(json.dumps(report, indent=2))
     print(f"\nfigures: {out}/pretrained/confusion_matrix.png, {out}/summary.png")
-    print("NOTE: tile features come from a tiny ViT with RANDOM weights (offline demo).")
+    print(vl_workflow.NOTE)
     return 0
 
 
