@@ -39,11 +39,11 @@ from slidefm.runtime import dist_info, pick_device, seed_everything
 from slidefm.train.data import make_loader, training_bags
 from slidefm.train.loop import TrainConfig
 from slidefm.train.run_dir import (
-    PROVENANCE_KEYS,
     RUN_CONFIG,
     check_out_dir,
     check_train_section,
     fit_run,
+    save_final,
     write_json,
 )
 
@@ -348,13 +348,8 @@ def run_align(
 
     finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step)
     if rank == 0 and finished:
-        extra = {k: info[k] for k in PROVENANCE_KEYS}
-        extra.update(enc_info)
-        extra.update(tok_info)
-        extra["align_config"] = cfgd
-        model.save_checkpoint(out / "align.pt", extra=extra)
-        info["checkpoint"] = str(out / "align.pt")
-        write_json(out / RUN_CONFIG, info)
+        extra = {**enc_info, **tok_info, "align_config": cfgd}
+        save_final(out, info, model.save_checkpoint, "align.pt", "checkpoint", extra)
     return info
 
 

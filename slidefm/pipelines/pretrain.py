@@ -26,11 +26,11 @@ from slidefm.runtime import dist_info, seed_everything
 from slidefm.train.data import make_loader, training_bags
 from slidefm.train.loop import TrainConfig
 from slidefm.train.run_dir import (
-    PROVENANCE_KEYS,
     RUN_CONFIG,
     check_out_dir,
     check_train_section,
     fit_run,
+    save_final,
     write_json,
 )
 
@@ -169,11 +169,8 @@ def run_pretrain(
 
     finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step)
     if rank == 0 and finished:
-        extra = {k: info[k] for k in PROVENANCE_KEYS}
-        extra["pretrain_config"] = cfgd
-        encoder.save_checkpoint(out / "encoder.pt", extra=extra)
-        info["encoder_checkpoint"] = str(out / "encoder.pt")
-        write_json(out / RUN_CONFIG, info)
+        extra = {"pretrain_config": cfgd}
+        save_final(out, info, encoder.save_checkpoint, "encoder.pt", "encoder_checkpoint", extra)
     return info
 
 

@@ -68,3 +68,20 @@ def fit_run(
     info["steps"] = trainer.step
     info["final"] = rows[-1] if rows else {}
     return trainer.step >= tcfg.max_steps
+
+
+def save_final(
+    out: Path,
+    info: dict[str, Any],
+    save: Callable[[Path, dict[str, Any]], Any],
+    name: str,
+    info_key: str,
+    extra: dict[str, Any],
+) -> None:
+    """Write the finished run's model with ``save(out / name, provenance)`` (e.g. a model's
+    ``save_checkpoint``; provenance = the run's ``PROVENANCE_KEYS``, then ``extra``), record its
+    path in ``info[info_key]`` and rewrite run_config.json. Call on rank 0 only."""
+    path = out / name
+    save(path, {**{k: info[k] for k in PROVENANCE_KEYS}, **extra})
+    info[info_key] = str(path)
+    write_json(out / RUN_CONFIG, info)
