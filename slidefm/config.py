@@ -10,6 +10,7 @@ import copy
 import dataclasses
 import hashlib
 import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -60,6 +61,16 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str] | None) -> dict[st
                 raise ConfigError(f"Override {item!r}: {part!r} is not a mapping")
         node[parts[-1]] = yaml.safe_load(raw)
     return out
+
+
+def apply_flags(cfg: dict[str, Any], args: Any, flags: Iterable[str]) -> dict[str, Any]:
+    """``cfg`` with the command-line ``flags`` that were given (not None on ``args``) written
+    over it: a flag beats the YAML, and ``--set`` overrides (applied after) beat both."""
+    for name in flags:
+        val = getattr(args, name, None)
+        if val is not None:
+            cfg[name] = val
+    return cfg
 
 
 def config_hash(cfg: Any) -> str:

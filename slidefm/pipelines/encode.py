@@ -22,7 +22,14 @@ import torch
 from tqdm import tqdm
 
 import slidefm
-from slidefm.config import apply_overrides, config_hash, from_dict, load_yaml, resolve_config_path
+from slidefm.config import (
+    apply_flags,
+    apply_overrides,
+    config_hash,
+    from_dict,
+    load_yaml,
+    resolve_config_path,
+)
 from slidefm.io.atomic import atomic_path, clean_stale_tmp
 from slidefm.io.features import FeatureFileError, SlideFeatures, is_complete, write_features
 from slidefm.io.manifest import read_manifest
@@ -406,10 +413,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def config_from_args(args: argparse.Namespace) -> EncodeConfig:
     base = load_yaml(resolve_config_path(args.config, "encode")) if args.config else {}
-    for name in FLAG_TO_FIELD:
-        val = getattr(args, name, None)
-        if val is not None:
-            base[name] = val
+    base = apply_flags(base, args, FLAG_TO_FIELD)
     if getattr(args, "no_qc", False):
         base["qc"] = False
     return from_dict(EncodeConfig, apply_overrides(base, args.overrides))

@@ -27,7 +27,14 @@ import torch
 from tqdm import tqdm
 
 import slidefm
-from slidefm.config import apply_overrides, config_hash, from_dict, load_yaml, resolve_config_path
+from slidefm.config import (
+    apply_flags,
+    apply_overrides,
+    config_hash,
+    from_dict,
+    load_yaml,
+    resolve_config_path,
+)
 from slidefm.eval.report import (
     evaluate_predictions,
     format_summary,
@@ -743,11 +750,9 @@ def parse_seeds(s: str) -> list[int]:
 
 
 def config_from_args(args: argparse.Namespace) -> MILConfig:
-    base = load_yaml(resolve_config_path(args.config or "default", "mil"))
-    for name in FLAG_TO_FIELD:
-        val = getattr(args, name, None)
-        if val is not None:
-            base[name] = val
+    base = apply_flags(
+        load_yaml(resolve_config_path(args.config or "default", "mil")), args, FLAG_TO_FIELD
+    )
     if getattr(args, "finetune", False):
         base["freeze_encoder"] = False
     return from_dict(MILConfig, apply_overrides(base, args.overrides))
