@@ -1,8 +1,13 @@
-"""The README's main job: encode the bundled real slide, offline, and summarise the result.
+"""The README's main job, offline: encode the bundled real slide, then slides → reports.
 
-The tile encoder is a real DINOv2 ViT-S/14 architecture with RANDOM weights (no model hub is
-reachable offline); pass --weights PATH (or a populated HF cache with --weights hub) for real
-features.
+1. ``slidefm encode-slides`` on data/sample/CMU-1-Small-Region.svs (tissue, tiles at 0.5 µm/px,
+   a DINOv2 ViT-S/14 architecture with RANDOM weights: no model hub is reachable offline; pass
+   --weights PATH, or --weights hub with a populated HF cache, for real features).
+2. Vision–language on a small synthetic cohort (examples/zero_shot.py and
+   examples/report_retrieval.py): synthetic slides → tile features → slide-encoder pretraining →
+   slide↔report alignment on the training patients → zero-shot subtyping from text prompts and
+   slide→report retrieval on held-out patients, plus the real slide scored by the same model.
+   Skip with --no-vl.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from slidefm.cli import main as cli
 from slidefm.io.features import read_features
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "examples"))
 SAMPLE = REPO / "data" / "sample" / "CMU-1-Small-Region.svs"
 
 
@@ -61,10 +67,30 @@ def run(out: Path, weights: str, encoder: str) -> int:
     return 0
 
 
+def run_vision_language(out: Path, n_slides: int) -> int:
+    """Zero-shot subtyping and report retrieval on held-out synthetic patients (minutes, CPU)."""
+    import report_retrieval
+    import zero_shot
+
+    argv = ["--out", str(out), "--n-slides", str(n_slides), "--no-ablation"]
+    argv += ["--pretrain-steps", "600", "--n-boot", "200"]
+    print("\n== vision–language: zero-shot subtyping ==", flush=True)
+    rc = zero_shot.main(argv)
+    if rc:
+        return rc
+    print("\n== vision–language: slide → report retrieval ==", flush=True)
+    return report_retrieval.main(argv)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "demo")
     ap.add_argument("--weights", default="random")
     ap.add_argument("--encoder", default="dinov2_vits14")
+    ap.add_argument("--vl-slides", type=int, default=120, help="synthetic cohort size")
+    ap.add_argument("--no-vl", action="store_true", help="stop after encoding the real slide")
     a = ap.parse_args()
-    sys.exit(run(a.out, a.weights, a.encoder))
+    rc = run(a.out, a.weights, a.encoder)
+    if not rc and not a.no_vl:
+        rc = run_vision_language(a.out / "vl", a.vl_slides)
+    sys.exit(rc)

@@ -6,7 +6,7 @@ slides → tile features → slide-encoder pretraining → slide↔report alignm
 
     synthetic cohort (slidefm.wsi.synthetic)   → <out>/cohort/{slides/, manifest.csv}
     slidefm encode-slides (vit_tiny_dev)      → <out>/features/*.h5
-    slidefm pretrain --config tiny            → <out>/pretrain/encoder.pt   (train split only)
+    slidefm pretrain --config synthetic       → <out>/pretrain/encoder.pt   (train split only)
     slidefm align --config tiny               → <out>/align/align.pt        (train split only)
     … with a RANDOM slide encoder (ablation)  → <out>/align_random_encoder/align.pt
     the bundled real slide (CMU-1-Small-Region.svs), same tile encoder → <out>/real_features/
@@ -36,7 +36,8 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cells", type=int, default=10, help="synthetic slide side, in 256-px tiles")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes drawing synthetic slides")
-    ap.add_argument("--pretrain-steps", type=int, default=200)
+    ap.add_argument("--pretrain-config", default="synthetic", help="configs/pretrain/ name")
+    ap.add_argument("--pretrain-steps", type=int, default=None, help="default: the config's")
     ap.add_argument("--align-steps", type=int, default=300)
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the CIs")
     ap.add_argument("--no-ablation", action="store_true", help="skip the random-encoder run")
@@ -98,12 +99,16 @@ def prepare(a: argparse.Namespace) -> dict[str, Path]:
     pre = out / "pretrain"
     if not (pre / "encoder.pt").is_file():
         print("[3/5] self-supervised slide-encoder pretraining (train split)", flush=True)
-        _cli(["pretrain", "--config", "tiny", "--features", str(feats), "--manifest",
+        steps = [f"train.max_steps={a.pretrain_steps}"] if a.pretrain_steps else []
+        _cli(["pretrain", "--config", a.pretrain_config, "--features", str(feats), "--manifest",
               str(manifest), "--split", "train", "--out", str(pre), "--seed", str(a.seed),
-              *_sets(f"train.max_steps={a.pretrain_steps}", "train.progress=false")])  # fmt: skip
+              *_sets(*steps, "train.progress=false")])  # fmt: skip
     runs = {"pretrained": (out / "align", str(pre / "encoder.pt"))}
     if not a.no_ablation:
-        runs["random_encoder"] = (out / "align_random_encoder", "random:tiny")
+        from slidefm.pipelines.pretrain import load_run_config
+
+        arch = load_run_config(a.pretrain_config, [])["encoder"]  # same architecture, random
+        runs["random_encoder"] = (out / "align_random_encoder", f"random:{arch}")
     paths = {"out": out, "manifest": manifest, "features": feats}
     for name, (d, enc) in runs.items():
         if not (d / "align.pt").is_file():

@@ -256,6 +256,13 @@ def run_align(
             )
             in_dim = int(first.slide(0).features.shape[1])
         enc, enc_info = load_slide_encoder(cfgd["slide_encoder"], in_dim)
+        if enc_info["slide_encoder_weights"] == "random" and features is not None:
+            # Random weights, but the same input standardisation a pretrained encoder carries
+            # (statistics of the training slides): the ablation isolates the learned weights.
+            from slidefm.models.pretrain import feature_stats
+
+            bags = FeatureBagDataset(features, slide_ids=train_df["slide_id"].astype(str).tolist())
+            enc.set_input_stats(*feature_stats(bags.slide(i).features for i in range(len(bags))))
     elif features is not None:
         raise ValueError(
             "--features needs a slide encoder: --slide-encoder <pretrain out>/encoder.pt "
