@@ -93,6 +93,12 @@ class MILConfig:
     val_fraction: float = 0.2
     val_metric: str = "loss"
     patience: int = 8
+    # A frozen slide encoder's head is a linear probe on fixed embeddings, where an epoch costs
+    # milliseconds: it gets its own schedule (more epochs, larger lr and batches).
+    head_epochs: int = 100
+    head_lr: float = 1e-2
+    head_batch_size: int = 16
+    head_patience: int = 30
     n_boot: int = 1000
     slide_encoder: str | None = None
     freeze_encoder: bool = True
@@ -377,11 +383,20 @@ def train_fold(
     device = pick_device(cfg.device)
     y_tr = y[idx["train"]]
     weight = None
-    if cfg.model == "slide_encoder" and cfg.freeze_encoder:
-        # A frozen encoder maps each whole bag to a fixed embedding: compute it once and train
-        # the head on embeddings (a random-init encoder differs per fold seed, hence the key).
+    probe = cfg.model == "slide_encoder" and cfg.freeze_encoder
+    epochs, lr, batch_size, patience = (
+        (cfg.head_epochs, cfg.head_lr, cfg.head_batch_size, cfg.head_patience)
+        if probe
+        else (cfg.epochs, cfg.lr, cfg.batch_size, cfg.patience)
+    )
+    if cfg.model == "slide_encoder":
+        # The (initial) encoder's embedding of every whole bag, computed once: its training-fold
+        # statistics standardise the head's input, and a frozen encoder's head trains on these
+        # embeddings directly (a random-init encoder differs per fold seed, hence the key).
         key = enc_weights if enc_weights != "random" else f"{cfg.slide_encoder}|seed{seed}"
         z = frozen_embeddings(model, bags, key, cfg.eval_batch_size, device)
+        model.set_embedding_stats(z[idx["train"]])
+    if probe:
         train_set, val_set = (
             EmbeddingDataset(z, idx["train"], y),
             EmbeddingDataset(z, idx["val"], y),
@@ -401,7 +416,7 @@ def train_fold(
         )
         loader = torch.utils.data.DataLoader(
             train_set,
-            cfg.batch_size,
+            batch_size,
             sampler=sampler,
             collate_fn=train_set.collate,
             num_workers=cfg.num_workers,
@@ -414,7 +429,7 @@ def train_fold(
             )
         loader = make_loader(
             train_set,
-            cfg.batch_size,
+            batch_size,
             shuffle=True,
             seed=seed,
             num_workers=cfg.num_workers,
@@ -453,13 +468,13 @@ def train_fold(
             with atomic_path(best_path) as tmp:
                 torch.save(m.state_dict(), tmp)
         write_json(es, state_path)
-        if epoch - es["best_epoch"] >= cfg.patience:
+        if epoch - es["best_epoch"] >= patience:
             raise _EarlyStop
         return metrics
 
     tcfg = TrainConfig(
-        max_steps=cfg.epochs * steps_per_epoch,
-        lr=cfg.lr,
+        max_steps=epochs * steps_per_epoch,
+        lr=lr,
         weight_decay=cfg.weight_decay,
         warmup_steps=steps_per_epoch,
         precision=cfg.precision,
