@@ -232,7 +232,8 @@ def main() -> int:
     models = [m for m in a.models.split(",") if m]
     runs: dict[str, dict] = {}
     for label in LABELS:
-        for model in models + (["slide_encoder"] if slide_encoder else []):
+        extra = ["slide_encoder"] if slide_encoder and "slide_encoder" not in models else []
+        for model in models + extra:
             run_dir = a.out / "mil" / f"{label}__{model}"
             argv = [
                 "mil",
