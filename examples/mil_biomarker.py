@@ -154,7 +154,7 @@ def main() -> int:
     )
     ap.add_argument(
         "--pretrain-config",
-        default="tiny",
+        default="synthetic",
         help="configs/pretrain/<name> when --slide-encoder pretrain",
     )
     ap.add_argument(
