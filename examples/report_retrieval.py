@@ -26,16 +26,20 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import vl_workflow  # noqa: E402
 
+from slidefm.wsi.synthetic_reports import BIOMARKER_REMARK_RATES  # noqa: E402
+
 QUERIES = ["small cell carcinoma", "a spindle cell tumour"]
 
 
-# How the synthetic reports mention the biomarkers (slidefm.wsi.synthetic_reports): P(remark |
-# label). Subtype is always stated; everything else in a report (organ, size, margins, nodes,
-# stage) is drawn independently of the pixels.
-REMARK_PROBS = {
-    "bag": {1: {"pos": 0.5, "neg": 0.0, "none": 0.5}, 0: {"pos": 0.0, "neg": 0.2, "none": 0.8}},
-    "spatial": {1: {"pos": 0.4, "neg": 0.0, "none": 0.6}, 0: {"pos": 0.0, "neg": 0.3, "none": 0.7}},
-}
+def remark_probs(key: str) -> dict[int, dict[str, float]]:
+    """P(remark | label) for one biomarker ("bag" or "spatial"), from the generator's rates:
+    {label: {"pos", "neg", "none"}}. Subtype is always stated; everything else in a report
+    (organ, size, margins, nodes, stage) is drawn independently of the pixels."""
+    r = BIOMARKER_REMARK_RATES[key]
+    return {
+        1: {"pos": r["pos"], "neg": 0.0, "none": 1.0 - r["pos"]},
+        0: {"pos": 0.0, "neg": r["neg"], "none": 1.0 - r["neg"]},
+    }
 
 
 def report_remarks(text: str) -> tuple[str, str]:
@@ -64,7 +68,7 @@ def strict_ceilings(test: pd.DataFrame, k: int = 5) -> dict[str, float]:
         if bayes:
             for j, (b, sp) in enumerate(remarks):
                 for key, rem in (("bag", b), ("spatial", sp)):
-                    probs = REMARK_PROBS[key]
+                    probs = remark_probs(key)
                     label = int(row[f"biomarker_{key}"])
                     out[j] *= probs[label][rem] / (0.5 * (probs[0][rem] + probs[1][rem]))
         return out

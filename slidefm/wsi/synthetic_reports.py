@@ -14,6 +14,14 @@ from __future__ import annotations
 
 import numpy as np
 
+# How often a report remarks on a biomarker: "pos" = P(positive remark | label 1), "neg" =
+# P(negative remark | label 0); otherwise the report is silent about it. Named here so the
+# retrieval oracles (examples/report_retrieval.py) model the generator, not a copy of it.
+BIOMARKER_REMARK_RATES: dict[str, dict[str, float]] = {
+    "bag": {"pos": 0.5, "neg": 0.2},
+    "spatial": {"pos": 0.4, "neg": 0.3},
+}
+
 # Report synonyms per canonical subtype (the manifest's ``subtype`` strings).
 SUBTYPE_REPORT_TERMS: dict[str, list[str]] = {
     "adenocarcinoma": [
@@ -222,7 +230,7 @@ def make_report(
         diag.append(
             f"Lymphovascular invasion: {_pick(rng, ['not identified', 'present', 'indeterminate'])}"
         )
-    if bag and rng.random() < 0.5:
+    if bag and rng.random() < BIOMARKER_REMARK_RATES["bag"]["pos"]:
         diag.append(
             _pick(
                 rng,
@@ -232,11 +240,11 @@ def make_report(
                 ],
             )
         )
-    elif not bag and rng.random() < 0.2:
+    elif not bag and rng.random() < BIOMARKER_REMARK_RATES["bag"]["neg"]:
         diag.append("No signet ring cells identified")
-    if spatial and rng.random() < 0.4:
+    if spatial and rng.random() < BIOMARKER_REMARK_RATES["spatial"]["pos"]:
         diag.append("Brisk lymphocytic infiltrate at the invasive front")
-    elif not spatial and rng.random() < 0.3:
+    elif not spatial and rng.random() < BIOMARKER_REMARK_RATES["spatial"]["neg"]:
         diag.append(
             f"Lymphoid aggregates present away from the {tumour}; few intratumoral lymphocytes"
         )
