@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ from slidefm.models.mil import (
     save_mil_checkpoint,
     slide_encoder_weights,
 )
+from slidefm.models.pretrain import feature_stats as tile_feature_stats
 from slidefm.runtime import pick_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -231,13 +233,10 @@ class BagDataset(torch.utils.data.Dataset):
 
 
 def feature_stats(bags: Bags, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-dimension mean and std (D,) over every tile of the bags in ``index`` (float64 sums)."""
-    n, s1, s2 = 0, np.zeros(bags.dim), np.zeros(bags.dim)
-    for j in index:
-        f = bags.get(int(j))[0].astype(np.float64)
-        n, s1, s2 = n + len(f), s1 + f.sum(0), s2 + (f * f).sum(0)
-    mean = s1 / n
-    return mean.astype(np.float32), np.sqrt(np.maximum(s2 / n - mean**2, 0)).astype(np.float32)
+    """Per-dimension mean and std (D,) over every tile of the bags in ``index``: the project's
+    one tile-statistics routine (``models.pretrain.feature_stats``, float64 sums), uncapped."""
+    mean, std = tile_feature_stats((bags.get(int(j))[0] for j in index), max_tiles=sys.maxsize)
+    return mean.numpy(), std.numpy()
 
 
 class EmbeddingDataset(torch.utils.data.Dataset):
