@@ -18,6 +18,8 @@ PIPELINES = [
     "probe",
     "heatmap",
     "pretrain",
+    "pretrain_tiles",
+    "probe_tiles",
     "embed",
     "tokenizer",
     "align",

@@ -116,3 +116,18 @@ def iter_tile_batches(loader: DataLoader, batch_size: int):
             n -= batch_size
     if n:
         yield torch.cat(buf_idx), torch.cat(buf_tiles)
+
+
+def read_patch(
+    reader: SlideReader, x: int, y: int, extent_level0: float, level: int, patch_size: int
+) -> np.ndarray:
+    """One (patch_size, patch_size, 3) uint8 patch whose top-left is level-0 (x, y) and whose
+    side is ``extent_level0`` level-0 px, read at pyramid ``level`` and resampled (bilinear,
+    fractional box) exactly as ``TileRegionDataset`` cuts its tiles."""
+    ds = reader.info.level_downsamples[level]
+    lw, lh = math.ceil(extent_level0 / ds) + 1, math.ceil(extent_level0 / ds) + 1
+    region = reader.read_region_image(int(x), int(y), level, lw, lh)
+    box = (0.0, 0.0, extent_level0 / ds, extent_level0 / ds)
+    if abs(extent_level0 / ds - patch_size) < 1e-6:
+        return np.asarray(region)[:patch_size, :patch_size].copy()
+    return np.asarray(region.resize((patch_size, patch_size), Image.Resampling.BILINEAR, box=box))

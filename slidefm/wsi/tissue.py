@@ -64,6 +64,20 @@ def tissue_mask(
     return mask
 
 
+def slide_tissue_mask(reader, cfg: TissueConfig = TissueConfig()):
+    """(thumbnail (h, w, 3) uint8, mask (h, w) bool, scale in level-0 px per mask px) of an
+    open ``SlideReader``, at about ``cfg.thumb_mpp`` µm/px (capped at ``cfg.thumb_max_size``).
+
+    The one way slides get their tissue mask (``encode-slides`` and online patching).
+    """
+    level0_mpp = reader.mpp
+    side_um = max(reader.info.width, reader.info.height) * level0_mpp
+    thumb, scale = reader.thumbnail(
+        max(64, min(cfg.thumb_max_size, round(side_um / cfg.thumb_mpp)))
+    )
+    return thumb, tissue_mask(thumb, scale * level0_mpp, cfg), scale
+
+
 def area_fraction(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
     """Fraction of each box covered by ``mask``.
 
