@@ -254,6 +254,7 @@ def run_pretrain_tiles(
     if "step0_eval" not in info and stop_at_step != 0:
         with torch.no_grad():
             info["step0_eval"] = eval_fn(model.eval())  # the loaded model, before any step
+        log.info("step 0 (loaded model): %s", info["step0_eval"])
         model.train()
     finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step)
     if rank == 0 and finished:
