@@ -174,3 +174,29 @@ def test_probe_tiles_same_splits_and_planted_signal(tmp_path):
     assert all(len(set(part[cases == c])) == 1 for c in set(cases))
     assert set(part) == {"train", "val", "test"}
     assert (patient_split(cases, 0) == part).all()
+
+
+@pytest.mark.slow
+def test_example_quick_runs_end_to_end(tmp_path):
+    """examples/pretrain_tiles.py --quick: cohort → SSL → encode (trained and random) → probes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [
+        sys.executable,
+        str(repo / "examples" / "pretrain_tiles.py"),
+        "--out",
+        str(tmp_path),
+        "--quick",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((tmp_path / "results.json").read_text())
+    for kind in ("random", "ssl"):
+        probes = res["probes_balanced_accuracy"][kind]
+        assert {"linear", "knn20", "1shot"} <= set(probes)
+        assert all(0.0 <= v["mean"] <= 1.0 for v in probes.values())
+    run = res["ssl_runs"]["0"]
+    assert run["steps"] == 3 and {"rankme", "odcorr"} <= set(run["step0"])
