@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     overrides = list(a.overrides)
     n_slides = a.n_slides
     if a.quick:
-        n_slides, seeds, split_seeds = 12, seeds[:1], split_seeds[:2]
+        n_slides, seeds, split_seeds = 16, seeds[:1], split_seeds[:2]
         overrides = [
             "train.max_steps=3",
             "train.eval_every=3",

@@ -48,9 +48,12 @@ def patient_split(cases: np.ndarray, seed: int, fractions=(0.5, 0.2, 0.3)) -> np
     """'train' / 'val' / 'test' per element of ``cases`` from a seeded permutation of the
     unique patients (same seed → same split for every encoder)."""
     uniq = np.unique(cases)
+    if len(uniq) < 3:
+        raise ValueError(f"tile probes need ≥ 3 patients (train/val/test), got {len(uniq)}")
     perm = np.random.default_rng(seed).permutation(len(uniq))
-    n_tr = max(1, round(fractions[0] * len(uniq)))
     n_va = max(1, round(fractions[1] * len(uniq)))
+    n_te = max(1, round(fractions[2] * len(uniq)))
+    n_tr = max(1, len(uniq) - n_va - n_te)
     part = np.empty(len(uniq), dtype=object)
     part[perm[:n_tr]], part[perm[n_tr : n_tr + n_va]], part[perm[n_tr + n_va :]] = (
         "train",
