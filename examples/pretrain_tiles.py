@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +31,12 @@ import pandas as pd
 
 from slidefm.io.manifest import read_manifest
 from slidefm.pipelines.encode import EncodeConfig, SlideJob, run_encode
-from slidefm.pipelines.pretrain_tiles import WEIGHTS_FILE, run_pretrain_tiles
+from slidefm.pipelines.pretrain_tiles import WEIGHTS_FILE
 from slidefm.pipelines.probe_tiles import run_probe_tiles
 from slidefm.wsi.synthetic import generate_cohort
 
 ENCODER = "vit_tiny_dev"
+REPO = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -42,6 +47,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--split-seeds", default="0,1,2", help="probe patient-split seeds")
     ap.add_argument("--config", default="synthetic_cpu")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--parallel", type=int, default=1, help="SSL runs at a time")
     ap.add_argument("--quick", action="store_true", help="tiny cohort, a few steps: runs only")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -69,10 +75,39 @@ def main(argv: list[str] | None = None) -> dict:
     held_out = jobs.get("val", []) + jobs.get("test", [])
     cells = str(cohort / "cells.csv")
     runs, features = {}, {}
+    run_dirs = {seed: a.out / f"ssl_seed{seed}" for seed in seeds}
+    ov = [f"eval.labels={cells}", "train.progress=false", *overrides]
+    procs: list[subprocess.Popen] = []
+    for seed in seeds:  # the CLI, --parallel runs at a time (each its own process)
+        cmd = [
+            sys.executable,
+            "-m",
+            "slidefm.cli",
+            "pretrain-tiles",
+            "--manifest",
+            str(cohort / "manifest.csv"),
+            "--split",
+            "train",
+            "--encoder",
+            ENCODER,
+            "--weights",
+            "random",
+            "--out",
+            str(run_dirs[seed]),
+            "--config",
+            a.config,
+            "--seed",
+            str(seed),
+        ] + [x for o in ov for x in ("--set", o)]
+        procs.append(subprocess.Popen(cmd, env={**os.environ, "PYTHONPATH": str(REPO)}))
+        while sum(p.poll() is None for p in procs) >= a.parallel:
+            time.sleep(2)
+    for p in procs:
+        if p.wait() != 0:
+            raise RuntimeError(f"pretrain-tiles failed: {' '.join(map(str, p.args))}")
     for seed in seeds:
-        run_dir = a.out / f"ssl_seed{seed}"
-        ov = [f"eval.labels={cells}", "train.progress=false", *overrides]
-        info = run_pretrain_tiles(jobs["train"], ENCODER, "random", run_dir, a.config, ov, seed)
+        run_dir = run_dirs[seed]
+        info = json.loads((run_dir / "run_config.json").read_text())
         final = info["final"]
         runs[seed] = {
             "steps": info["steps"],
