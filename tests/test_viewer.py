@@ -13,10 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from fastapi.testclient import TestClient
 from PIL import Image
 from scipy.stats import rankdata
-
-from fastapi.testclient import TestClient
 
 from slidefm.pipelines.view import build_viewer
 from slidefm.viewer.app import create_app
@@ -69,7 +68,9 @@ def test_dzi_matches_openslide_levels(client, sample_slide):
         d = 2 ** (n - 1 - lv)
         assert (int(np.ceil(w / d)), int(np.ceil(h / d))) == dz.level_dimensions[lv]
         tc, tr = dz.level_tiles[lv]
-        got = Image.open(io.BytesIO(client.get(f"/dz/good/slide_files/{lv}/{tc - 1}_{tr - 1}.png").content))
+        got = Image.open(
+            io.BytesIO(client.get(f"/dz/good/slide_files/{lv}/{tc - 1}_{tr - 1}.png").content)
+        )
         assert got.size == dz.get_tile(lv, (tc - 1, tr - 1)).size
     for lv, dims in enumerate(osr.level_dimensions):  # each OpenSlide level is a DZ level
         d = osr.level_downsamples[lv]
@@ -225,7 +226,12 @@ def test_side_panel_numbers_match_independent_computation(client, inputs):
 
 def test_scores_once_per_slide_and_concurrent_tiles(client, viewer):
     before = viewer.scores.computed
-    urls = [f"/dz/good/{ly}_files/12/{c}_{r}.png" for ly in ("mil", "zs1") for c in range(4) for r in range(4)]
+    urls = [
+        f"/dz/good/{ly}_files/12/{c}_{r}.png"
+        for ly in ("mil", "zs1")
+        for c in range(4)
+        for r in range(4)
+    ]
     urls += [f"/dz/good/slide_files/12/{c}_{r}.jpeg" for c in range(8) for r in range(8)]
     seq = [client.get(u).content for u in urls]
     viewer.tiles.clear()

@@ -18,6 +18,13 @@ log = logging.getLogger(__name__)
 
 def build_viewer(args: argparse.Namespace):
     """The ``Viewer`` state from parsed options (also used by tests and the benchmark)."""
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise RuntimeError(
+            f"slidefm view needs the viewer extra ({e.name} is missing): pip install 'slidefm[viewer]'"
+        ) from e
     from slidefm.viewer.analysis import Models
     from slidefm.viewer.app import Viewer
     from slidefm.viewer.cohort import Cohort

@@ -126,7 +126,11 @@ class Viewer:
         try:
             geom.tile_box(level, col, row)  # validates the address
             if layer == "slide":
-                img = view.dz.get_tile(level, (col, row))
+                try:
+                    img = view.dz.get_tile(level, (col, row))
+                except Exception as e:  # unreadable region of a corrupt slide: tile missing
+                    msg = f"{slide_id}: tile unreadable ({type(e).__name__}: {e})"
+                    raise HTTPException(404, msg) from None
             elif layer == "tissue":
                 mask, scale = self.tissue(slide_id)
                 img = mask_outline_tile(geom, level, col, row, mask, scale)
@@ -143,10 +147,6 @@ class Viewer:
                 )
         except TileAddressError as e:
             raise HTTPException(404, str(e)) from None
-        except HTTPException:
-            raise
-        except Exception as e:  # unreadable region of a corrupt slide: the tile is missing
-            raise HTTPException(404, f"{slide_id}: tile unreadable ({type(e).__name__}: {e})")
         return encode_image(img, fmt)
 
 
@@ -287,7 +287,9 @@ def create_app(viewer: Viewer) -> FastAPI:
             return JSONResponse(
                 fc,
                 media_type="application/geo+json",
-                headers={"Content-Disposition": f'attachment; filename="{slide_id}_{layer}.geojson"'},
+                headers={
+                    "Content-Disposition": f'attachment; filename="{slide_id}_{layer}.geojson"'
+                },
             )
         c = sc.features.coords
         boxes = np.stack([c[:, 0], c[:, 1], c[:, 0] + s, c[:, 1] + s], 1)
@@ -318,7 +320,9 @@ def create_app(viewer: Viewer) -> FastAPI:
     def tile(slide_id: str, files: str, level: str, tile: str):
         m = TILE_RE.match(tile)
         if not files.endswith("_files") or not level.isdigit() or len(level) > 3 or m is None:
-            raise HTTPException(400, "expected /dz/<slide_id>/<layer>_files/<level>/<col>_<row>.<fmt>")
+            raise HTTPException(
+                400, "expected /dz/<slide_id>/<layer>_files/<level>/<col>_<row>.<fmt>"
+            )
         layer = files[: -len("_files")]
         fmt = m.group(3)
         if not LAYER_RE.match(layer) or fmt not in TILE_TYPES:

@@ -118,7 +118,9 @@ class Cohort:
     @classmethod
     def from_slide(cls, slide: str | Path, features: str | Path | None = None) -> Cohort:
         sid = slide_id_from_path(slide)
-        return cls([SlideEntry(sid, str(Path(slide).resolve()), _features_path(features, sid), sid)])
+        return cls(
+            [SlideEntry(sid, str(Path(slide).resolve()), _features_path(features, sid), sid)]
+        )
 
     @classmethod
     def from_manifest(cls, manifest: str | Path, features: str | Path | None = None) -> Cohort:
