@@ -8,6 +8,7 @@ README's image comes from this test).
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import socket
@@ -174,3 +175,83 @@ def test_heatmap_and_slide_pixels_in_chromium(server, sample_slide, tmp_path):
     assert not ((coords[:, 0] <= 20) & (coords[:, 1] <= 20)).any()
     g = xy[-2] + np.array([20.0, 20.0]) * (xy[-1] - xy[-2]) / [2219, 2966]
     np.testing.assert_allclose(_patch(on, g), _patch(off, g), atol=3)
+
+
+@pytest.fixture(scope="module")
+def cohort_server(sample_slide, shared_data, tmp_path_factory):
+    import pandas as pd
+    import uvicorn
+
+    from slidefm.pipelines.view import build_viewer
+    from slidefm.viewer.app import create_app
+    from tests.viewer_utils import make_cohort
+
+    texts = pd.read_csv(shared_data / "reports" / "tcga_reports_val.csv")["text"][:40].tolist()
+    c = make_cohort(sample_slide, tmp_path_factory.mktemp("cohort"), texts)
+    v = build_viewer(viewer_args(**c))
+    port = _free_port()
+    srv = uvicorn.Server(
+        uvicorn.Config(create_app(v), host="127.0.0.1", port=port, log_level="warning")
+    )
+    th = threading.Thread(target=srv.run, daemon=True)
+    th.start()
+    while not srv.started:
+        if not th.is_alive():
+            pytest.fail("uvicorn did not start")
+        time.sleep(0.05)
+    yield {"url": f"http://127.0.0.1:{port}", **c}
+    srv.should_exit = True
+    th.join(10)
+
+
+def test_cohort_table_sorts_and_opens_slides(cohort_server):
+    try:
+        from playwright.sync_api import sync_playwright
+    except ImportError:
+        pytest.fail(f"playwright is not installed: {INSTALL}")
+    with h5py.File(cohort_server["features"] / "good2.h5") as f:
+        x, y = f["coords"][0]
+        s = float(f.attrs["patch_size_level0"])
+    with sync_playwright() as p:
+        browser = _browser(p)
+        page = browser.new_page(viewport={"width": 1200, "height": 760})
+        errors: list[str] = []
+        page.on("pageerror", lambda e: errors.append(str(e)))
+        page.goto(cohort_server["url"] + "/")
+        page.wait_for_selector("#cohort tbody tr")
+
+        def ids() -> list[str]:
+            return page.eval_on_selector_all("#cohort tbody tr", "rs => rs.map(r => r.dataset.id)")
+
+        assert ids() == ["corrupt", "good", "good2", "missing"]  # sorted by slide id
+        page.click("#cohort th[data-key='slide_id']")
+        assert ids() == ["missing", "good2", "good", "corrupt"]
+        page.click("#cohort th[data-key='l:subtype']")
+        assert ids()[-1] == "missing"  # spindle_cell sorts last
+        text = page.inner_text("#cohort")
+        assert "cannot open" in text and "encode-slides:" in text and "[random weights]" in text
+        page.wait_for_function(
+            "() => [...document.querySelectorAll('#cohort img')].every(i => i.complete && i.naturalWidth > 0)"
+        )
+        page.click("#cohort tr[data-id='good2']")
+        page.wait_for_url("**/slide/good2")
+        _wait_ready(page)
+        page.check("#ov-tiles")
+        _wait_ready(page)
+        shot = np.asarray(Image.open(io.BytesIO(page.screenshot())).convert("RGB"))
+        (ex, ey), (cx, cy) = _to_screen(page, np.array([[x, y + s / 2], [x + s / 2, y + s / 2]]))
+        panel = page.inner_text("#panel")
+        page.goto(cohort_server["url"] + "/slide/corrupt")
+        page.wait_for_selector("#error:not([hidden])")
+        corrupt = page.inner_text("#error")
+        browser.close()
+    assert not errors, errors
+    assert "Retrieved reports" in panel and "cos" in panel and "small_cell" in panel
+    # the first kept tile's left edge is drawn in the grid colour, its centre is untouched
+    edge = shot[
+        int(round(ey)) - 1 : int(round(ey)) + 2, int(np.floor(ex)) - 1 : int(np.ceil(ex)) + 2
+    ]
+    assert (np.abs(edge - np.array([30, 60, 220])).sum(-1) < 60).any()
+    centre = shot[int(round(cy)), int(round(cx))]
+    assert np.abs(centre.astype(int) - [30, 60, 220]).sum() > 60
+    assert "cannot open" in corrupt
