@@ -26,6 +26,7 @@ PIPELINES = [
     "zero_shot",
     "retrieve",
     "synth",
+    "view",
 ]
 
 

@@ -9,6 +9,7 @@ pixels are dropped before thresholding.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -64,16 +65,16 @@ def tissue_mask(
     return mask
 
 
-def slide_tissue_mask(reader, cfg: TissueConfig = TissueConfig()):
-    """(thumbnail (h, w, 3) uint8, mask (h, w) bool, scale in level-0 px per mask px) of an
-    open ``SlideReader``, at about ``cfg.thumb_mpp`` µm/px (capped at ``cfg.thumb_max_size``).
-
-    The one way slides get their tissue mask (``encode-slides`` and online patching).
-    """
+def slide_tissue_mask(
+    reader: Any, cfg: TissueConfig = TissueConfig()
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Thumbnail (h, w, 3) at about ``cfg.thumb_mpp`` µm/px (≤ ``thumb_max_size``), its tissue
+    mask (h, w) bool and the scale (level-0 px per thumbnail px) of an open ``SlideReader``.
+    The one way encode-slides, the viewer and online patching find tissue on a whole slide."""
     level0_mpp = reader.mpp
-    side_um = max(reader.info.width, reader.info.height) * level0_mpp
+    full_mpp_side = max(reader.info.width, reader.info.height) * level0_mpp
     thumb, scale = reader.thumbnail(
-        max(64, min(cfg.thumb_max_size, round(side_um / cfg.thumb_mpp)))
+        max(64, min(cfg.thumb_max_size, round(full_mpp_side / cfg.thumb_mpp)))
     )
     return thumb, tissue_mask(thumb, scale * level0_mpp, cfg), scale
 
