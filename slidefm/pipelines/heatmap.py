@@ -26,7 +26,7 @@ from slidefm.eval.heatmap import (
     write_png,
 )
 from slidefm.eval.report import write_csv, write_json
-from slidefm.io.features import read_features
+from slidefm.io.features import check_encoder_matches, read_features
 from slidefm.models.mil import load_mil_checkpoint
 from slidefm.runtime import pick_device, seed_everything
 
@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(
             f"{args.features} holds {sf.features.shape[1]}-d features but the model expects {meta['in_dim']}-d; use features from the tile encoder it was trained on"
         )
+    check_encoder_matches(args.features, sf.attrs, meta.get("features", {}), args.checkpoint)
     classes = list(meta["task"]["classes"])
     target = None
     if args.target is not None:

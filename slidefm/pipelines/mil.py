@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -61,8 +60,8 @@ from slidefm.eval.targets import (
 )
 from slidefm.io.atomic import atomic_path
 from slidefm.io.bags import collate_bags, item_rng, subsample
-from slidefm.io.features import read_attrs, read_features
-from slidefm.io.manifest import ManifestError, read_manifest
+from slidefm.io.features import check_cohort, check_encoder_matches, read_attrs, read_features
+from slidefm.io.manifest import read_manifest
 from slidefm.models.mil import (
     MIL_MODELS,
     Standardized,
@@ -152,28 +151,10 @@ class Bags:
 def load_bags(paths: list[Path], progress: bool = True, cache_gb: float = 8.0) -> Bags:
     """Check every feature file (tiles present, one tile encoder for the cohort) and load them
     into memory when their float32 size is under ``cache_gb``."""
-    shapes, first = [], None
-    for p in paths:
-        a = read_attrs(p)
-        with h5py.File(p, "r") as f:
-            key = next((k for k in ("features", "feats") if k in f), None)
-            if key is None:
-                raise ManifestError(
-                    f"{p}: no 'features' dataset; is it a slidefm/TRIDENT feature file?"
-                )
-            shape = f[key].shape[-2:]
-        if shape[0] == 0:
-            raise ManifestError(f"{p}: no tiles; drop the slide from the manifest or re-encode it")
-        enc = (int(shape[1]), a.get("encoder"))
-        if first is None:
-            first = (enc, a)
-        elif enc != first[0]:
-            raise ManifestError(
-                f"{p}: features from encoder {enc[1]} ({enc[0]}-d) but {paths[0]} has {first[0][1]} ({first[0][0]}-d); encode the cohort with one encoder"
-            )
-        shapes.append(shape)
-    attrs = {k: first[1].get(k) for k in ("encoder", "encoder_weights", "target_mpp", "patch_size")}
-    bags = Bags(list(paths), first[0][0], attrs)
+    shapes = check_cohort(paths)
+    first = read_attrs(paths[0])
+    attrs = {k: first.get(k) for k in ("encoder", "encoder_weights", "target_mpp", "patch_size")}
+    bags = Bags(list(paths), shapes[0][1], attrs)
     if sum(n * d for n, d in shapes) * 4 / 2**30 <= cache_gb:
         bags.cached = [
             bags.get(j)
@@ -697,6 +678,7 @@ def run_predict(args: argparse.Namespace) -> int:
         raise ValueError(
             f"Features are {bags.dim}-d but the model expects {models[0][1]['in_dim']}-d; use features from the encoder it was trained on ({models[0][1].get('features', {}).get('encoder')})"
         )
+    check_encoder_matches(paths[0], bags.attrs, models[0][1].get("features", {}), files[0])
     has_label = all(c in df for c in task.labels)
     y = encode_targets(df, task) if has_label else np.zeros(len(df), dtype=np.int64)
     device = pick_device(args.device)
