@@ -319,7 +319,11 @@ class SlideTextModel(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"alignment checkpoint {path} not found; run `slidefm align`")
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        from slidefm.io.torch_file import load_torch_file
+
+        state = load_torch_file(
+            path, "alignment checkpoint", map_location=map_location, weights_only=True
+        )
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"{path} is not a slidefm alignment checkpoint (use <align out>/align.pt)"

@@ -76,6 +76,14 @@ from slidefm.models.mil import (
 )
 from slidefm.models.pretrain import feature_stats as tile_feature_stats
 from slidefm.runtime import pick_device, seed_everything
+from slidefm.train.run_dir import (
+    RUN_CONFIG,
+    add_overwrite,
+    claim_run_dir,
+    inputs_hash,
+    run_identity,
+)
+from slidefm.train.run_dir import write_json as write_run_json
 
 log = logging.getLogger(__name__)
 
@@ -622,6 +630,7 @@ def run_train(args: argparse.Namespace) -> int:
     df = read_manifest(args.manifest, required=("slide_id",))
     task = make_task(df, parse_labels(args.label), parse_list(args.classes))
     paths = check_feature_files(df, args.features)
+    claim_mil_out(out, df, task, cfg, paths, args.overwrite)
     splits = build_splits(df, task, args, cfg, seeds, out)
     bags = load_bags(paths, progress=not args.no_progress, cache_gb=cfg.cache_gb)
     enc_weights = slide_encoder_weights(cfg.slide_encoder) if cfg.model == "slide_encoder" else None
@@ -717,6 +726,34 @@ def run_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+# What ``mil train`` writes into --out (discarded by --overwrite).
+MIL_OUTPUTS = (
+    "seed*",
+    "splits.csv",
+    "predictions.csv",
+    "patient_predictions.csv",
+    "*fold_metrics.csv",
+    "*seed_metrics.csv",
+    "*results.json",
+    "*roc_seed*.png",
+)
+
+
+def claim_mil_out(
+    out: Path, df: pd.DataFrame, task: Task, cfg: MILConfig, paths: list[Path], overwrite: bool
+) -> dict[str, Any]:
+    """``--out`` belongs to one (config, task, feature files + manifest rows): a finished fold
+    is reused only by the same run (more --seeds extend it), another one is refused unless
+    ``overwrite``. Records the identity in run_config.json; returns it."""
+    cols = ["slide_id", "case_id", *task.labels]
+    rows = df[cols].astype(str).values.tolist()
+    chash = config_hash({"config": dataclasses.asdict(cfg), "task": task.to_dict()})
+    identity = run_identity(chash, inputs_hash(paths, rows), None)
+    claim_run_dir(out, identity, overwrite, MIL_OUTPUTS)
+    write_run_json(out / RUN_CONFIG, {"command": "mil train", "identity": identity})
+    return identity
+
+
 # -- CLI ------------------------------------------------------------------------------------
 FLAG_TO_FIELD = {
     "model": str,
@@ -806,6 +843,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--finetune", action="store_true", help="slide_encoder: fine-tune the encoder too"
     )
     t.add_argument("--no-progress", action="store_true")
+    add_overwrite(t)
     add_common(t, "mil")
     t.set_defaults(func=run_train)
 
