@@ -90,6 +90,15 @@ def make_task(
         raise ManifestError(
             f"Label column {col!r} has a single value {names}; a classifier needs ≥ 2 classes"
         )
+    counts = values.value_counts()
+    lone = [c for c in names if counts.get(c, 0) == 1]
+    if lone:
+        where = ", ".join(f"{c!r} (slide {df.loc[values == c, 'slide_id'].iloc[0]})" for c in lone)
+        raise ManifestError(
+            f"Label column {col!r}: class(es) {where} have a single slide, which cannot be both "
+            f"trained on and tested (a typo?); classes and slide counts: "
+            f"{ {c: int(counts.get(c, 0)) for c in names} }. Fix the label or drop the slide"
+        )
     return Task(labels, names, False)
 
 

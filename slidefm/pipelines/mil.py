@@ -61,7 +61,13 @@ from slidefm.eval.targets import (
 from slidefm.io.atomic import atomic_path
 from slidefm.io.bags import collate_bags, item_rng, subsample
 from slidefm.io.features import check_cohort, check_encoder_matches, read_attrs, read_features
-from slidefm.io.manifest import read_manifest
+from slidefm.io.manifest import (
+    SLIDE_LEVEL_RISK,
+    add_slide_level_only,
+    read_cohort_manifest,
+    read_manifest,
+    strip_labels,
+)
 from slidefm.models.mil import (
     MIL_MODELS,
     Standardized,
@@ -627,7 +633,8 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = parse_seeds(args.seeds)
-    df = read_manifest(args.manifest, required=("slide_id",))
+    df = read_cohort_manifest(args.manifest, args.slide_level_only)
+    df = strip_labels(df, parse_labels(args.label))
     task = make_task(df, parse_labels(args.label), parse_list(args.classes))
     paths = check_feature_files(df, args.features)
     claim_mil_out(out, df, task, cfg, paths, args.overwrite)
@@ -644,6 +651,8 @@ def run_train(args: argparse.Namespace) -> int:
         level = "patient"
     result = evaluate_predictions(scored, task, n_boot=cfg.n_boot, seed=args.seed)
     notes = provenance_notes(bags, cfg, enc_weights)
+    if args.slide_level_only:
+        notes.append(f"--slide-level-only: {SLIDE_LEVEL_RISK}")
     meta = {
         "command": "mil train",
         "model": cfg.model,
@@ -680,7 +689,7 @@ def run_predict(args: argparse.Namespace) -> int:
     task = Task.from_dict(models[0][1]["task"])
     if any(Task.from_dict(m["task"]) != task for _, m in models):
         raise ValueError(f"Checkpoints under {ckpt} predict different tasks; pass one checkpoint")
-    df = read_manifest(args.manifest, required=("slide_id",))
+    df = strip_labels(read_manifest(args.manifest, required=("slide_id",)), task.labels)
     paths = check_feature_files(df, args.features)
     bags = load_bags(paths, progress=not args.no_progress)
     if bags.dim != models[0][1]["in_dim"]:
@@ -830,6 +839,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="aggregate slide predictions per case_id before scoring",
     )
     t.add_argument("--out", required=True, help="output folder")
+    add_slide_level_only(t)
     for name, typ in FLAG_TO_FIELD.items():
         if name != "model":
             t.add_argument(
