@@ -129,7 +129,9 @@ class SlideTextModel(nn.Module):
     ):
         super().__init__()
         self.cfg = cfg
-        self.text_cfg = TextTowerConfig(**cfg.text)
+        from slidefm.config import from_dict
+
+        self.text_cfg = from_dict(TextTowerConfig, cfg.text or {})
         self.slide_dim = int(slide_dim)
         self.slide_encoder = slide_encoder
         self.trainable_encoder_params: list[str] = []

@@ -89,7 +89,7 @@ def load_run_config(path: str | None, overrides: list[str] | None) -> dict[str, 
     raw = apply_overrides(load_yaml(resolve_config_path(path, "align")) if path else {}, overrides)
     run = from_dict(AlignRunConfig, raw)
     from_dict(AlignModelConfig, run.model)
-    TextTowerConfig(**run.model.get("text", {}))
+    from_dict(TextTowerConfig, run.model.get("text") or {})
     from_dict(AlignDataConfig, run.data)
     check_train_section(run.train)
     return dataclasses.asdict(run)

@@ -26,9 +26,35 @@ from slidefm.eval.heatmap import (
     write_png,
 )
 from slidefm.eval.report import write_csv, write_json
-from slidefm.io.features import check_encoder_matches, read_features
+from slidefm.io.features import SlideFeatures, check_encoder_matches, read_features
 from slidefm.models.mil import load_mil_checkpoint
 from slidefm.runtime import pick_device, seed_everything
+
+
+def check_slide_matches(slide: str | Path, sf: SlideFeatures, features: str | Path) -> None:
+    """Refuse to draw ``features`` over another slide than the one they were cut from: the
+    level-0 size and file size recorded at encoding must match, and (foreign files without
+    them) every tile must lie inside the slide."""
+    from slidefm.wsi.reader import SlideReader
+
+    with SlideReader(slide) as r:
+        w, h = r.info.width, r.info.height
+    a, problems = sf.attrs, []
+    rec = (a.get("level0_width"), a.get("level0_height"))
+    if all(rec) and (int(rec[0]), int(rec[1])) != (w, h):
+        problems.append(f"it is {w}×{h} px at level 0, the encoded slide {rec[0]}×{rec[1]}")
+    size, real = a.get("source_size"), Path(slide).stat().st_size
+    if size and Path(slide).is_file() and int(size) != real:
+        problems.append(f"it has {real} bytes, the encoded slide {size}")
+    far = sf.coords.max(axis=0)
+    if far[0] >= w or far[1] >= h:
+        problems.append(f"tiles start at up to ({far[0]}, {far[1]}), outside its {w}×{h} px")
+    if problems:
+        src = a.get("source_path") or "unrecorded"
+        raise ValueError(
+            f"--slide {slide} is not the slide {features} was encoded from ({src}): "
+            f"{'; '.join(problems)}"
+        )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -40,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
             f"{args.features} holds {sf.features.shape[1]}-d features but the model expects {meta['in_dim']}-d; use features from the tile encoder it was trained on"
         )
     check_encoder_matches(args.features, sf.attrs, meta.get("features", {}), args.checkpoint)
+    if args.slide:  # before any output: a grid over the wrong image is worse than none
+        check_slide_matches(args.slide, sf, args.features)
     classes = list(meta["task"]["classes"])
     target = None
     if args.target is not None:
