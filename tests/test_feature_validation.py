@@ -278,3 +278,25 @@ def test_bad_embedding_files_get_one_clear_error(tmp_path, capsys, defect):
     args = ["probe", "--embeddings", str(p), "--manifest", str(m), "--label", "y"]
     err = _cli(args + ["--out", str(tmp_path / "pr"), "--no-progress"], capsys)
     assert EMB_DEFECTS[defect][1] in err
+
+
+def test_mil_predict_refuses_features_of_another_tile_encoder(tmp_path, capsys):
+    """The model records its tile encoder; a cohort of another one (same width) is refused."""
+    from slidefm.models.mil import build_mil_model, save_mil_checkpoint
+
+    d = tmp_path / "feats"
+    ids = write_random_bags(d, num=3, dim=DIM, n_range=(10, 12), seed=4)
+    for s in ids:
+        _other_encoder(d / f"{s}.h5")
+    meta = {"model": "abmil", "in_dim": DIM, "num_classes": 2, "model_kwargs": {"hidden": 8},
+            "task": {"labels": ["y"], "classes": ["0", "1"], "multilabel": False},
+            "features": {"encoder": "random", "encoder_weights": "random"}}  # fmt: skip
+    ckpt = save_mil_checkpoint(tmp_path / "m.pt",
+                               build_mil_model("abmil", DIM, 2, hidden=8), meta)  # fmt: skip
+    m = tmp_path / "m.csv"
+    pd.DataFrame({"slide_id": ids, "case_id": ids}).to_csv(m, index=False)
+    args = ["mil", "predict", "--checkpoint", str(ckpt), "--manifest", str(m)]
+    msg = _cli(args + ["--features", str(d), "--out", str(tmp_path / "p.csv"), "--no-progress"],
+               capsys)  # fmt: skip
+    assert "tile encoder uni_v2" in msg and "trained on random" in msg
+    assert not (tmp_path / "p.csv").exists()
