@@ -15,7 +15,7 @@ from bag_utils import write_random_bags
 
 from slidefm.cli import main
 from slidefm.eval.splits import make_cv_splits
-from slidefm.eval.targets import make_task
+from slidefm.eval.targets import check_class_sizes, make_task
 from slidefm.io.embeddings import write_embeddings
 from slidefm.io.manifest import ManifestError, strip_labels
 
@@ -117,7 +117,7 @@ def test_label_whitespace_is_stripped_not_a_class(data, tmp_path, caplog):
     assert any("stripped whitespace from 2 value(s)" in r.getMessage() for r in caplog.records)
     assert df["y"][0] == "Pos "  # the caller's frame is not changed
     with pytest.raises(ManifestError, match="single slide"):  # unstripped: 'Pos ' was a class
-        make_task(df, ["y"])
+        check_class_sizes(df, make_task(df, ["y"]))
     m = _manifest(tmp_path, ids, labels)
     assert _mil(d, m, tmp_path / "w") == 0
     res = json.loads((tmp_path / "w" / "results.json").read_text())

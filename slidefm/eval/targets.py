@@ -90,16 +90,26 @@ def make_task(
         raise ManifestError(
             f"Label column {col!r} has a single value {names}; a classifier needs ≥ 2 classes"
         )
+    return Task(labels, names, False)
+
+
+def check_class_sizes(df: pd.DataFrame, task: Task) -> None:
+    """Refuse a single-label class with one slide (a typo, or a class that cannot be both
+    trained on and tested) in our words, before scikit-learn's fold warnings; for commands
+    that split a cohort into folds (``mil train``, ``probe``)."""
+    if task.multilabel:
+        return
+    col = task.labels[0]
+    values = df[col].astype(str)
     counts = values.value_counts()
-    lone = [c for c in names if counts.get(c, 0) == 1]
+    lone = [c for c in task.classes if counts.get(c, 0) == 1]
     if lone:
         where = ", ".join(f"{c!r} (slide {df.loc[values == c, 'slide_id'].iloc[0]})" for c in lone)
         raise ManifestError(
             f"Label column {col!r}: class(es) {where} have a single slide, which cannot be both "
             f"trained on and tested (a typo?); classes and slide counts: "
-            f"{ {c: int(counts.get(c, 0)) for c in names} }. Fix the label or drop the slide"
+            f"{ {c: int(counts.get(c, 0)) for c in task.classes} }. Fix the label or drop the slide"
         )
-    return Task(labels, names, False)
 
 
 def encode_targets(df: pd.DataFrame, task: Task) -> np.ndarray:

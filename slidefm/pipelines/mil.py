@@ -52,6 +52,7 @@ from slidefm.eval.splits import (
 from slidefm.eval.targets import (
     Task,
     aggregate_patients,
+    check_class_sizes,
     check_feature_files,
     encode_targets,
     make_task,
@@ -636,6 +637,7 @@ def run_train(args: argparse.Namespace) -> int:
     df = read_cohort_manifest(args.manifest, args.slide_level_only)
     df = strip_labels(df, parse_labels(args.label))
     task = make_task(df, parse_labels(args.label), parse_list(args.classes))
+    check_class_sizes(df, task)
     paths = check_feature_files(df, args.features)
     claim_mil_out(out, df, task, cfg, paths, args.overwrite)
     splits = build_splits(df, task, args, cfg, seeds, out)

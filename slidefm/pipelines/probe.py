@@ -37,7 +37,13 @@ from slidefm.eval.splits import (
     save_splits,
     splits_from_manifest,
 )
-from slidefm.eval.targets import aggregate_patients, encode_targets, make_task, prediction_frame
+from slidefm.eval.targets import (
+    aggregate_patients,
+    check_class_sizes,
+    encode_targets,
+    make_task,
+    prediction_frame,
+)
 from slidefm.io.manifest import (
     SLIDE_LEVEL_RISK,
     ManifestError,
@@ -74,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
     shots = [int(s) for s in args.shots.split(",")]
     df = strip_labels(read_cohort_manifest(args.manifest, args.slide_level_only), [args.label])
     task = make_task(df, [args.label])
+    check_class_sizes(df, task)
     y = encode_targets(df, task)
     ids, emb, emb_attrs = read_embeddings(args.embeddings)
     x = align_embeddings(df, list(ids), emb)
