@@ -360,6 +360,24 @@ class SlideEncoder(nn.Module):
         keep = (~pad).unsqueeze(-1).to(tiles.dtype)
         return (tiles * keep).sum(1) / keep.sum(1).clamp(min=1)
 
+    @torch.no_grad()
+    def embed(
+        self,
+        features: torch.Tensor,
+        coords: torch.Tensor,
+        patch_size_level0: float,
+        readout: str | None = None,
+    ) -> torch.Tensor:
+        """The registry's common call: features [B, N, D], coords [B, N, 2] level-0 px (x, y),
+        tile side in level-0 px → [B, E]; grid = floor((coords − min) / patch_size_level0)."""
+        if readout not in (None, self.config.readout):
+            raise ValueError(
+                f"slide encoder {self.config.name!r} has readout {self.config.readout!r} only"
+            )
+        c = coords.to(torch.float64)
+        grid = torch.floor((c - c.amin(dim=1, keepdim=True)) / float(patch_size_level0) + 1e-6)
+        return self(features.to(self.input_mean.dtype), grid.to(torch.int64))
+
     def forward(
         self, features: torch.Tensor, grid: torch.Tensor, padding_mask: torch.Tensor | None = None
     ) -> torch.Tensor:

@@ -123,6 +123,7 @@ class GigaPathSlideEncoder(PublishedSlideEncoder):
             tuple(dilation_ratios), backend,
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        nn.init.normal_(self.cls_token, std=0.02)  # only seen with weights="random"
 
     def positions(self, coords: torch.Tensor) -> torch.Tensor:
         """coords [N, 2] level-0 px (x, y) → float32 [N, E] sin-cos rows of the published table."""

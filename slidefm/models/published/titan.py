@@ -109,6 +109,9 @@ class TitanSlideEncoder(PublishedSlideEncoder):
         self.attn_pool = _AttentionalPooler(embed_dim, pool_queries, pool_heads)
         self.attn_pool_contrastive = _AttentionalPooler(embed_dim, 1, pool_heads)
         self.register_buffer("alibi_slopes", alibi_slopes(num_heads), persistent=False)
+        for p in (self.cls_token, self.attn_pool.query, self.attn_pool_contrastive.query):
+            nn.init.normal_(p, std=0.02)  # only seen with weights="random"
+        nn.init.normal_(self.proj, std=embed_dim**-0.5)
 
     def forward_tokens(
         self, features: torch.Tensor, coords: torch.Tensor, patch_size_level0: float
