@@ -236,3 +236,102 @@ def test_torchscale_padding_is_attended_masked_is_default() -> None:
     assert torch.allclose(ts, ref(1), atol=1e-12)
     assert torch.allclose(masked, ref(0), atol=1e-12)
     assert not torch.allclose(ts, masked)
+
+
+def _write_slide(path: Path, n: int, dim: int, encoder: str, seed: int = 0) -> None:
+    import numpy as np
+
+    from slidefm.io.features import SlideFeatures, write_features
+
+    rng = np.random.default_rng(seed)
+    cells = rng.choice(40 * 40, size=n, replace=False)
+    grid = np.stack([cells % 40, cells // 40], axis=1).astype(np.int32)
+    sf = SlideFeatures(
+        slide_id=path.stem,
+        features=rng.normal(size=(n, dim)).astype(np.float32),
+        coords=grid.astype(np.int64) * 256 + 5000,
+        grid=grid,
+        tissue_fraction=np.ones(n, np.float32),
+        attrs=dict(
+            encoder=encoder,
+            encoder_weights="test",
+            target_mpp=0.5,
+            patch_size=256,
+            patch_size_level0=256,
+            config_hash="test",
+            seed=seed,
+        ),
+    )
+    write_features(path, sf)
+
+
+def test_embed_slides_with_a_published_model_and_refusals(tmp_path: Path, capsys) -> None:
+    from slidefm.cli import main
+    from slidefm.io.embeddings import read_embeddings
+    from slidefm.io.features import read_features
+
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    _write_slide(feats / "s0.h5", 120, 768, "ctranspath", seed=0)
+    _write_slide(feats / "s1.h5", 80, 768, "ctranspath", seed=1)
+    sd = _state_from_shapes("chief")
+    torch.save(sd, tmp_path / "CHIEF_pretraining.pth")
+    out = tmp_path / "emb.h5"
+    args = [
+        "embed-slides",
+        "--model",
+        "chief",
+        "--weights",
+        str(tmp_path / "CHIEF_pretraining.pth"),
+    ]
+    assert main([*args, "--features", str(feats), "--out", str(out)]) == 0
+    ids, emb, attrs = read_embeddings(out)
+    assert list(ids) == ["s0", "s1"] and emb.shape == (2, 768)
+    assert attrs["slide_encoder"] == "chief" and len(attrs["checkpoint_sha256"]) == 64
+    enc = create_slide_encoder("chief", weights=sd)
+    sf = read_features(feats / "s1.h5")
+    want = enc.embed(torch.from_numpy(sf.features)[None], torch.from_numpy(sf.coords)[None], 256.0)
+    assert float((torch.from_numpy(emb[1]) - want[0]).abs().max()) < 1e-5
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    _write_slide(bad / "u.h5", 30, 768, "uni")
+    assert (
+        main(
+            [
+                "embed-slides",
+                "--model",
+                "titan",
+                "--weights",
+                "random",
+                "--features",
+                str(bad),
+                "--out",
+                str(tmp_path / "x.h5"),
+            ]
+        )
+        == 2
+    )
+    assert "tile encoder 'uni'" in capsys.readouterr().err
+    bad2 = tmp_path / "bad2"
+    bad2.mkdir()
+    _write_slide(bad2 / "g.h5", 30, 768, "gigapath")
+    assert (
+        main(
+            [
+                "embed-slides",
+                "--model",
+                "gigapath",
+                "--weights",
+                "random",
+                "--features",
+                str(bad2),
+                "--out",
+                str(tmp_path / "y.h5"),
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert "768-d" in err and "expects 1536-d gigapath" in err
+    assert not (tmp_path / "x.h5").exists() and not (tmp_path / "y.h5").exists()

@@ -264,9 +264,7 @@ def _build(entry: SlideEncoderEntry, arch: dict[str, Any]) -> nn.Module:
     return entry.build(**arch)
 
 
-def create_slide_encoder(
-    name: str, weights: WeightsArg = "random", **arch: Any
-) -> nn.Module:
+def create_slide_encoder(name: str, weights: WeightsArg = "random", **arch: Any) -> nn.Module:
     """Build registry entry ``name`` and load ``weights``.
 
     weights: ``"random"``, ``"hub"`` (published entries), a path (file or snapshot folder; a

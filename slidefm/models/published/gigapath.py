@@ -34,7 +34,12 @@ DILATION_RATIOS = (1, 2, 4, 8, 16)
 class _DilatedSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, eps: float, segments, dilations, backend: str):
         super().__init__()
-        self.heads, self.segments, self.dilations, self.backend = heads, segments, dilations, backend
+        self.heads, self.segments, self.dilations, self.backend = (
+            heads,
+            segments,
+            dilations,
+            backend,
+        )
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.q_proj = nn.Linear(dim, dim)
@@ -43,7 +48,10 @@ class _DilatedSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bsz, n, d = x.shape
-        q, k, v = (p(x).view(bsz, n, self.heads, d // self.heads) for p in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (
+            p(x).view(bsz, n, self.heads, d // self.heads)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
         out = dilated_attention(
             q, k, v, self.segments, self.dilations, None, self.backend, padding="torchscale"
         )
@@ -119,8 +127,14 @@ class GigaPathSlideEncoder(PublishedSlideEncoder):
         self.patch_embed.proj = nn.Linear(input_dim, embed_dim)
         hidden = int(embed_dim * mlp_ratio)
         self.encoder = _Encoder(
-            depth, embed_dim, num_heads, hidden, 1e-5, tuple(segment_lengths),
-            tuple(dilation_ratios), backend,
+            depth,
+            embed_dim,
+            num_heads,
+            hidden,
+            1e-5,
+            tuple(segment_lengths),
+            tuple(dilation_ratios),
+            backend,
         )
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         nn.init.normal_(self.cls_token, std=0.02)  # only seen with weights="random"
