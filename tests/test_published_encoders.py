@@ -335,3 +335,19 @@ def test_embed_slides_with_a_published_model_and_refusals(tmp_path: Path, capsys
     err = capsys.readouterr().err
     assert "768-d" in err and "expects 1536-d gigapath" in err
     assert not (tmp_path / "x.h5").exists() and not (tmp_path / "y.h5").exists()
+
+
+def test_embed_slides_model_accepts_slidefm_configs(tmp_path: Path) -> None:
+    from bag_utils import write_random_bags
+
+    from slidefm.cli import main
+    from slidefm.io.embeddings import read_embeddings
+
+    feats = tmp_path / "feats"
+    feats.mkdir()
+    write_random_bags(feats, num=2, dim=64)
+    out = tmp_path / "e.h5"
+    cmd = ["embed-slides", "--model", "tiny", "--weights", "random"]
+    assert main([*cmd, "--features", str(feats), "--out", str(out)]) == 0
+    ids, emb, attrs = read_embeddings(out)
+    assert emb.shape == (2, 64) and attrs["weights"] == "random"

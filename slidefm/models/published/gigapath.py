@@ -116,8 +116,13 @@ class GigaPathSlideEncoder(PublishedSlideEncoder):
         tile_size: int = 256,
         slide_ngrids: int = 1000,
         backend: str = "sdpa",
+        segment_length: tuple[int, ...] | None = None,
+        dilated_ratio: tuple[int, ...] | None = None,
     ):
+        """``segment_length`` / ``dilated_ratio``: torchscale's names for the same options."""
         super().__init__()
+        segment_lengths = segment_length if segment_length is not None else segment_lengths
+        dilation_ratios = dilated_ratio if dilated_ratio is not None else dilation_ratios
         if embed_dim % num_heads or embed_dim % 4:
             raise ValueError(f"embed_dim {embed_dim} must divide by num_heads and by 4")
         self.input_dim, self.embed_dim, self.depth = input_dim, embed_dim, depth
