@@ -13,6 +13,7 @@ import sys
 PIPELINES = [
     "info",
     "encoders_cmd",
+    "slide_encoders_cmd",
     "encode",
     "mil",
     "probe",
