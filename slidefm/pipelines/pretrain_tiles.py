@@ -44,9 +44,12 @@ from slidefm.train.data import make_loader
 from slidefm.train.loop import TrainConfig
 from slidefm.train.run_dir import (
     RUN_CONFIG,
-    check_out_dir,
+    TRAIN_OUTPUTS,
     check_train_section,
+    claim_run_dir,
     fit_run,
+    inputs_hash,
+    run_identity,
     write_json,
 )
 from slidefm.wsi.online import OnlinePatchConfig, OnlinePatchDataset, SlideTissue, prepare_slides
@@ -213,8 +216,12 @@ def run_pretrain_tiles(
     overrides: list[str] | None = None,
     seed: int = 0,
     stop_at_step: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Train and write the outputs listed in the module docstring; returns run info."""
+    """Train and write the outputs listed in the module docstring; returns run info.
+
+    ``out`` belongs to one (config, weights, slides, seed): another run there is refused
+    unless ``overwrite`` (see ``train.run_dir.claim_run_dir``)."""
     out = Path(out)
     cfgd = load_run_config(config, overrides)
     pcfg = from_dict(OnlinePatchConfig, _tuples(cfgd["patches"]))
@@ -240,8 +247,13 @@ def run_pretrain_tiles(
         "slides": [s.slide_id for s in slides],
         "skipped_slides": [{"slide_id": s, "reason": r} for s, r in skipped],
     }
-    check_out_dir(out, run_hash)
+    identity = run_identity(
+        run_hash, inputs_hash([s.path for s in slides], [s.slide_id for s in slides]), seed
+    )
+    info["identity"] = identity
     rank, _ = dist_info()
+    if rank == 0:
+        claim_run_dir(out, identity, overwrite, (*TRAIN_OUTPUTS, WEIGHTS_FILE, INFO_FILE))
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / RUN_CONFIG, info)
@@ -291,6 +303,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="random", help="random | hub | PATH (start point)")
     p.add_argument("--out", required=True, help="output folder (re-run the command to resume)")
     add_common(p, "pretrain_tiles")
+    from slidefm.train.run_dir import add_overwrite
+
+    add_overwrite(p)
     p.set_defaults(func=run)
 
 
@@ -312,7 +327,14 @@ def select_jobs(inputs: list[str], manifest: str | None, split: str | None) -> l
 def run(args: argparse.Namespace) -> int:
     jobs = select_jobs(args.inputs, args.manifest, args.split)
     info = run_pretrain_tiles(
-        jobs, args.encoder, args.weights, args.out, args.config, args.overrides, args.seed
+        jobs,
+        args.encoder,
+        args.weights,
+        args.out,
+        args.config,
+        args.overrides,
+        args.seed,
+        overwrite=args.overwrite,
     )
     if dist_info()[0] != 0:
         return 0
