@@ -41,21 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_common(p: argparse.ArgumentParser, config_subdir: str | None = None) -> None:
-    """Options every pipeline shares: --config, --set overrides, --seed."""
+    """--seed for every pipeline; --config and its --set overrides for those with a YAML config
+    (a command without one takes no --set: an override it would ignore is not offered)."""
     if config_subdir is not None:
         p.add_argument(
             "--config",
             default=None,
             help=f"YAML config (path or name under configs/{config_subdir}/)",
         )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
+        p.add_argument(
+            "--set",
+            dest="overrides",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value (repeatable)",
+        )
     p.add_argument(
         "--seed", type=int, default=0, help="random seed, recorded in outputs (default 0)"
     )

@@ -12,17 +12,18 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
-from tqdm import tqdm
 
 from slidefm.config import config_hash
-from slidefm.io.bags import FeatureBagDataset
-from slidefm.io.embeddings import write_embeddings
-from slidefm.io.manifest import read_manifest
-from slidefm.runtime import autocast, pick_device, seed_everything
+from slidefm.runtime import autocast, no_grad, pick_device, seed_everything
+
+if TYPE_CHECKING:  # heavy modules load inside the functions (`slidefm --help` stays fast)
+    import torch
+    from torch import nn
+
+    from slidefm.io.bags import FeatureBagDataset
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
+@no_grad
 def embed_dataset(
     encoder: nn.Module,
     dataset: FeatureBagDataset,
@@ -47,6 +48,8 @@ def embed_dataset(
 
     The encoder is put in eval mode and restored to its previous mode afterwards.
     """
+    from tqdm import tqdm
+
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
@@ -106,6 +109,9 @@ def run_embed(
     progress: bool = True,
 ) -> Path:
     """Embed every slide of ``features`` (or ``slide_ids``) and write ``out`` atomically."""
+    from slidefm.io.bags import FeatureBagDataset
+    from slidefm.io.embeddings import write_embeddings
+
     seed_everything(seed)  # random weights (and max_tiles subsets) are reproducible
     enc, prov = load_encoder(checkpoint, config, weights)
     dev = pick_device(device)
@@ -151,6 +157,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slidefm.io.manifest import read_manifest
+
     ids = None
     if args.manifest:
         ids = read_manifest(args.manifest)["slide_id"].astype(str).tolist()

@@ -12,26 +12,28 @@ import argparse
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
-import torch
-from PIL import Image
 
-from slidefm.eval.heatmap import (
-    normalize_scores,
-    render_heatmap,
-    slide_thumbnail,
-    tile_scores,
-    tiles_geojson,
-    write_geojson,
-    write_png,
-)
-from slidefm.eval.report import write_csv, write_json
-from slidefm.io.features import read_features
-from slidefm.models.mil import load_mil_checkpoint
 from slidefm.runtime import pick_device, seed_everything
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+    import torch
+    from PIL import Image
+
+    from slidefm.eval.heatmap import (
+        normalize_scores,
+        render_heatmap,
+        slide_thumbnail,
+        tile_scores,
+        tiles_geojson,
+        write_geojson,
+        write_png,
+    )
+    from slidefm.eval.report import write_csv, write_json
+    from slidefm.io.features import read_features
+    from slidefm.models.mil import load_mil_checkpoint
+
     seed_everything(args.seed)
     sf = read_features(args.features)
     model, meta = load_mil_checkpoint(args.checkpoint)

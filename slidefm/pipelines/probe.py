@@ -16,35 +16,22 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from tqdm import tqdm
 
 import slidefm
-from slidefm.eval.probes import FEW_SHOT_KS, few_shot, knn_probe, linear_probe, mean_sd
-from slidefm.eval.report import (
-    evaluate_predictions,
-    format_summary,
-    write_csv,
-    write_json,
-    write_report,
-)
-from slidefm.eval.splits import (
-    fold_indices,
-    load_or_make_splits,
-    load_splits,
-    save_splits,
-    splits_from_manifest,
-)
-from slidefm.eval.targets import aggregate_patients, encode_targets, make_task, prediction_frame
-from slidefm.io.manifest import ManifestError, read_manifest
+
+if TYPE_CHECKING:  # heavy modules load inside run() (`slidefm --help` stays fast)
+    import pandas as pd
 
 PROBES = ("linear", "knn", "fewshot")
 
 
 def align_embeddings(df: pd.DataFrame, slide_ids: list[str], emb: np.ndarray) -> np.ndarray:
     """Rows of ``emb`` in manifest order; a manifest slide without an embedding is an error."""
+    from slidefm.io.manifest import ManifestError
+
     pos = {str(s): i for i, s in enumerate(slide_ids)}
     missing = [s for s in df["slide_id"].astype(str) if s not in pos]
     if missing:
@@ -56,7 +43,32 @@ def align_embeddings(df: pd.DataFrame, slide_ids: list[str], emb: np.ndarray) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from tqdm import tqdm
+
+    from slidefm.eval.probes import FEW_SHOT_KS, few_shot, knn_probe, linear_probe, mean_sd
+    from slidefm.eval.report import (
+        evaluate_predictions,
+        format_summary,
+        write_csv,
+        write_json,
+        write_report,
+    )
+    from slidefm.eval.splits import (
+        fold_indices,
+        load_or_make_splits,
+        load_splits,
+        save_splits,
+        splits_from_manifest,
+    )
+    from slidefm.eval.targets import (
+        aggregate_patients,
+        encode_targets,
+        make_task,
+        prediction_frame,
+    )
     from slidefm.io.embeddings import read_embeddings
+    from slidefm.io.manifest import read_manifest
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -65,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"Unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    shots = [int(s) for s in args.shots.split(",")]
+    shots = [int(s) for s in args.shots.split(",")] if args.shots else list(FEW_SHOT_KS)
     df = read_manifest(args.manifest, required=("slide_id",))
     task = make_task(df, [args.label])
     y = encode_targets(df, task)
@@ -184,7 +196,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
     p.add_argument("--splits", help="reuse a saved splits.csv (e.g. from `slidefm mil train`)")
     p.add_argument("--k", type=int, default=20, help="kNN neighbours")
-    p.add_argument("--shots", default=",".join(map(str, FEW_SHOT_KS)), help="few-shot k per class")
+    p.add_argument("--shots", help="few-shot k per class, comma-separated (default 1,2,4,8,16)")
     p.add_argument("--draws", type=int, default=50, help="few-shot draws per k, fold and seed")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for CIs")
     p.add_argument(
