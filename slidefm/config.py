@@ -19,6 +19,7 @@ import yaml
 
 T = TypeVar("T")
 
+
 def _config_dir() -> Path:
     """The shipped configs: package data ``slidefm/configs`` (in a checkout a symlink to the
     top-level ``configs/``), or the checkout's ``configs/`` where symlinks are not supported."""

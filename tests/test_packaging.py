@@ -50,8 +50,9 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     _run([sys.executable, "-m", "venv", "--without-pip", str(venv)], root, env)
     py = venv / "bin" / "python"
     site = Path(
-        _run([str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], root, env)
-        .stdout.strip()
+        _run(
+            [str(py), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"], root, env
+        ).stdout.strip()
     )
     # Dependencies come from the test interpreter's site-packages, appended after the venv's
     # own (a plain path line: that folder's .pth files, e.g. an editable slidefm, stay inactive).
