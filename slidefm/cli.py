@@ -8,6 +8,7 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Iterator
 
 # Pipeline modules that register sub-commands, in the order ``--help`` lists them.
 PIPELINES = [
@@ -38,6 +39,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name in PIPELINES:
         importlib.import_module(f"slidefm.pipelines.{name}").add_parser(sub)
     return parser
+
+
+def iter_commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    """Every command path of ``parser``: ``()``, ``("info",)``, ``("mil", "train")``, …"""
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from iter_commands(sub, (*path, name))
 
 
 def add_common(p: argparse.ArgumentParser, config_subdir: str | None = None) -> None:
