@@ -67,13 +67,16 @@ def test_wheel_holds_every_config(installed, tmp_path):
     code = (
         "import slidefm, slidefm.config as c; from pathlib import Path; "
         "print(Path(slidefm.__file__).parent); print(c.CONFIG_DIR); "
-        "print(sorted(str(p.relative_to(c.CONFIG_DIR)) for p in c.CONFIG_DIR.rglob('*.yaml')))"
+        "print(sorted(str(p.relative_to(c.CONFIG_DIR)) for p in c.CONFIG_DIR.rglob('*') "
+        "if p.is_file()))"
     )
     pkg, cfg_dir, shipped = _run([str(py), "-c", code], tmp_path, env).stdout.splitlines()
     assert REPO not in Path(pkg).parents and Path(pkg).parent.name == "site-packages"
     assert Path(cfg_dir) == Path(pkg) / "configs"
-    expected = sorted(str(p.relative_to(REPO / "configs")) for p in REPO.glob("configs/**/*.yaml"))
-    assert eval(shipped) == expected  # every YAML of configs/, nothing else
+    expected = sorted(
+        str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*") if p.is_file()
+    )
+    assert eval(shipped) == expected  # every file of configs/, nothing else
     assert (Path(pkg) / "py.typed").is_file()
 
 

@@ -83,11 +83,12 @@ def substitute(line: str, tmp: Path) -> list[str]:
 
 
 def test_readme_lists_the_commands_it_claims():
+    """The parser finds the table and the code blocks (a README reformat must not silently
+    leave commands untested)."""
     lines = readme_command_lines(README.read_text())
-    cmds = {" ".join(x for x in ln.split()[:3] if not x.startswith("-")) for ln in lines}
-    for c in ("slidefm mil train", "slidefm align", "slidefm zero-shot", "slidefm heatmap"):
-        assert any(x.startswith(c) for x in cmds), cmds
-    assert NOT_RUN_HERE <= set(lines)
+    for c in ("slidefm mil train ", "slidefm align ", "slidefm zero-shot ", "slidefm heatmap "):
+        assert any(ln.startswith(c) for ln in lines), lines
+    assert set(lines) >= NOT_RUN_HERE
     for key in EXPECTED_ERRORS:
         assert sum(key in ln for ln in lines) == 1, key
 
