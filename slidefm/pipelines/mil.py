@@ -162,7 +162,9 @@ class BagDataset:
     """Items of in-memory ``Bags`` with targets, in ``FeatureBagDataset``'s item format.
 
     ``max_tiles`` draws a random tile subset per (seed, epoch, item) — training augmentation
-    and a memory cap; evaluation passes None and sees every tile.
+    and a memory cap; evaluation passes None and sees every tile. A map-style dataset by its
+    ``__len__``/``__getitem__`` (no ``torch.utils.data.Dataset`` base: this module imports
+    torch only when it runs, so ``slidefm mil --help`` stays fast).
     """
 
     def __init__(
