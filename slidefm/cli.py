@@ -25,6 +25,7 @@ PIPELINES = [
     "zero_shot",
     "retrieve",
     "synth",
+    "view",
 ]
 
 

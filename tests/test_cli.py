@@ -34,6 +34,8 @@ HEAVY = (
     "huggingface_hub",
     "faiss",
     "qdrant_client",
+    "fastapi",
+    "uvicorn",
 )
 
 

@@ -62,22 +62,29 @@ def installed(tmp_path_factory) -> tuple[Path, dict[str, str]]:
     return py, env
 
 
-def test_wheel_holds_every_config(installed, tmp_path):
+def data_files(pkg: Path) -> list[str]:
+    """Every non-Python file under ``pkg`` (links followed: ``slidefm/configs``), relative."""
+    found = []
+    for root, dirs, files in os.walk(pkg, followlinks=True):
+        dirs[:] = [d for d in dirs if d != "__pycache__"]
+        found += [str((Path(root) / f).relative_to(pkg)) for f in files if not f.endswith(".py")]
+    return sorted(found)
+
+
+def test_wheel_holds_every_data_file(installed, tmp_path):
+    """Configs, prompts, the viewer's static files, py.typed: all of the checkout's non-Python
+    files under slidefm/ are in the install, and the configs are found there."""
     py, env = installed
     code = (
         "import slidefm, slidefm.config as c; from pathlib import Path; "
-        "print(Path(slidefm.__file__).parent); print(c.CONFIG_DIR); "
-        "print(sorted(str(p.relative_to(c.CONFIG_DIR)) for p in c.CONFIG_DIR.rglob('*') "
-        "if p.is_file()))"
+        "print(Path(slidefm.__file__).parent); print(c.CONFIG_DIR)"
     )
-    pkg, cfg_dir, shipped = _run([str(py), "-c", code], tmp_path, env).stdout.splitlines()
+    pkg, cfg_dir = _run([str(py), "-c", code], tmp_path, env).stdout.split()
     assert REPO not in Path(pkg).parents and Path(pkg).parent.name == "site-packages"
     assert Path(cfg_dir) == Path(pkg) / "configs"
-    expected = sorted(
-        str(p.relative_to(REPO / "configs")) for p in (REPO / "configs").rglob("*") if p.is_file()
-    )
-    assert eval(shipped) == expected  # every file of configs/, nothing else
-    assert (Path(pkg) / "py.typed").is_file()
+    expected = data_files(REPO / "slidefm")
+    assert any(f.startswith("configs/prompts/") for f in expected) and "py.typed" in expected
+    assert data_files(Path(pkg)) == expected
 
 
 def test_installed_cli_pretrains_tiny_from_outside_the_repo(installed, tmp_path):

@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from slidefm.cli import main
+from slidefm.cli import build_parser, main
 
 REPO = Path(__file__).resolve().parent.parent
 README = REPO / "README.md"
@@ -38,14 +38,18 @@ EXPECTED_ERRORS = {
 
 def readme_command_lines(text: str) -> list[str]:
     """Command lines of the README in order: table rows' first cell (a ``slidefm …`` code span)
-    and non-empty lines of ```bash blocks (end-of-line comments dropped)."""
-    lines, in_bash = [], False
+    and the commands of ```bash blocks (``\\`` continuations joined, comments dropped)."""
+    lines, in_bash, pending = [], False, ""
     for raw in text.splitlines():
         if raw.startswith("```"):
             in_bash = raw.strip() == "```bash" and not in_bash
             continue
         if in_bash:
-            cmd = " ".join(shlex.split(raw, comments=True))
+            if raw.rstrip().endswith("\\"):  # continued on the next line
+                pending += raw.rstrip()[:-1] + " "
+                continue
+            cmd = " ".join(shlex.split(pending + raw, comments=True))
+            pending = ""
             if cmd:
                 lines.append(cmd)
         else:
@@ -101,7 +105,14 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
     for line in readme_command_lines(README.read_text()):
         if line in NOT_RUN_HERE:
             continue
-        rc = main(substitute(line, tmp_path))
+        argv = substitute(line, tmp_path)
+        if argv[0] == "view":  # a server that runs until Ctrl-C: build it, do not serve
+            from slidefm.pipelines.view import build_viewer
+            from slidefm.viewer.app import create_app
+
+            rc = 0 if create_app(build_viewer(build_parser().parse_args(argv))) else 1
+        else:
+            rc = main(argv)
         out, err = capsys.readouterr()
         expected = next((msg for key, msg in EXPECTED_ERRORS.items() if key in line), None)
         if expected is None:
@@ -109,7 +120,7 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
         else:
             assert rc == 0 or expected in err, f"{line}: rc {rc}, expected {expected!r}\n{err}"
         ran.append(line)
-    assert len(ran) >= 16, ran
+    assert len(ran) >= 18, ran
     # The outputs the later README lines read exist where the earlier ones wrote them.
     assert (tmp_path / "pretrain" / "encoder.pt").is_file()
     assert (tmp_path / "align" / "align.pt").is_file()

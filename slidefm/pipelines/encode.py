@@ -170,7 +170,7 @@ def encode_slide(
     from slidefm.wsi.qc import save_qc
     from slidefm.wsi.stain import macenko_normalize
     from slidefm.wsi.tiling import make_tile_grid
-    from slidefm.wsi.tissue import tissue_mask
+    from slidefm.wsi.tissue import slide_tissue_mask
 
     mpp_override = job.mpp if job.mpp is not None else cfg.mpp
     with SlideReader(job.path, mpp_override=mpp_override) as reader:
@@ -180,12 +180,7 @@ def encode_slide(
                 f"{job.path}: level-0 resolution {level0_mpp:.4g} µm/px is coarser than target {cfg.target_mpp} µm/px; "
                 "tiles would be upsampled. Use a larger --target-mpp, or --mpp if the metadata is wrong."
             )
-        tcfg = cfg.tissue_config()
-        full_mpp_side = max(info.width, info.height) * level0_mpp
-        thumb, scale = reader.thumbnail(
-            max(64, min(tcfg.thumb_max_size, round(full_mpp_side / tcfg.thumb_mpp)))
-        )
-        mask = tissue_mask(thumb, scale * level0_mpp, tcfg)
+        thumb, mask, scale = slide_tissue_mask(reader, cfg.tissue_config())
         tiles = make_tile_grid(
             info.width,
             info.height,
