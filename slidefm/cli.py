@@ -14,6 +14,7 @@ from collections.abc import Iterator
 PIPELINES = [
     "info",
     "encoders_cmd",
+    "slide_encoders_cmd",
     "encode",
     "mil",
     "probe",
