@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +84,14 @@ def run_vision_language(out: Path, n_slides: int) -> int:
     return report_retrieval.main(argv)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU of this process and its finished children (the cohort workers)."""
+    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
 if __name__ == "__main__":
+    t0 = time.perf_counter()
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "demo")
     ap.add_argument("--weights", default="random")
@@ -93,4 +102,8 @@ if __name__ == "__main__":
     rc = run(a.out, a.weights, a.encoder)
     if not rc and not a.no_vl:
         rc = run_vision_language(a.out / "vl", a.vl_slides)
+    print(
+        f"\ndemo: {(time.perf_counter() - t0) / 60:.1f} min wall, {cpu_seconds() / 60:.1f} min CPU "
+        "(a re-run reuses finished outputs)"
+    )
     sys.exit(rc)

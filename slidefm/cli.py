@@ -8,6 +8,9 @@ import argparse
 import importlib
 import logging
 import sys
+from collections.abc import Iterator
+
+from slidefm.options import add_common  # noqa: F401  (re-exported: older imports)
 
 # Pipeline modules that register sub-commands, in the order ``--help`` lists them.
 PIPELINES = [
@@ -44,25 +47,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_common(p: argparse.ArgumentParser, config_subdir: str | None = None) -> None:
-    """Options every pipeline shares: --config, --set overrides, --seed."""
-    if config_subdir is not None:
-        p.add_argument(
-            "--config",
-            default=None,
-            help=f"YAML config (path or name under configs/{config_subdir}/)",
-        )
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value (repeatable)",
-    )
-    p.add_argument(
-        "--seed", type=int, default=0, help="random seed, recorded in outputs (default 0)"
-    )
+def iter_commands(
+    parser: argparse.ArgumentParser, path: tuple[str, ...] = ()
+) -> Iterator[tuple[str, ...]]:
+    """Every command path of ``parser``: ``()``, ``("info",)``, ``("mil", "train")``, …"""
+    yield path
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from iter_commands(sub, (*path, name))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import hashlib
+import importlib.resources
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -18,7 +19,15 @@ import yaml
 
 T = TypeVar("T")
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+def _config_dir() -> Path:
+    """The shipped configs: package data ``slidefm/configs`` (in a checkout a symlink to the
+    top-level ``configs/``), or the checkout's ``configs/`` where symlinks are not supported."""
+    packaged = Path(str(importlib.resources.files("slidefm") / "configs"))
+    return packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "configs"
+
+
+CONFIG_DIR = _config_dir()
 
 
 class ConfigError(ValueError):
@@ -26,11 +35,15 @@ class ConfigError(ValueError):
 
 
 def resolve_config_path(name_or_path: str | Path, subdir: str = "") -> Path:
-    """Find a config by path, or by bare name under ``configs/<subdir>/`` (``.yaml`` optional)."""
+    """Find a config by path, or by name in the shipped configs: ``tiny`` (under
+    ``configs/<subdir>/``, ``.yaml`` optional), ``<subdir>/tiny.yaml`` or the repository path
+    ``configs/<subdir>/tiny.yaml``, which therefore works from any folder and in an install."""
     p = Path(name_or_path)
     if p.is_file():
         return p
-    for cand in (CONFIG_DIR / subdir / p, CONFIG_DIR / subdir / f"{p}.yaml", CONFIG_DIR / p):
+    rel = Path(*p.parts[1:]) if p.parts[:1] == ("configs",) else p
+    cands = [CONFIG_DIR / subdir / rel, CONFIG_DIR / subdir / f"{rel}.yaml", CONFIG_DIR / rel]
+    for cand in cands:
         if cand.is_file():
             return cand
     avail = sorted(x.stem for x in (CONFIG_DIR / subdir).glob("*.yaml")) if subdir else []

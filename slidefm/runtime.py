@@ -3,15 +3,37 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import random
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch loads when a function runs, so `slidefm --help` stays fast
+    import torch
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def no_grad(fn: F) -> F:
+    """``torch.no_grad()`` as a decorator that imports torch only when ``fn`` is called."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        import torch
+
+        with torch.no_grad():
+            return fn(*args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (CPU and CUDA) so a run is reproducible."""
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -20,6 +42,8 @@ def seed_everything(seed: int) -> None:
 
 def pick_device(pref: str = "auto") -> torch.device:
     """``auto`` → CUDA if available, else CPU; anything else is passed to torch.device."""
+    import torch
+
     if pref == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(pref)
@@ -30,6 +54,8 @@ def autocast(device: torch.device, precision: str = "auto"):
 
     ``auto`` picks bf16 where the GPU supports it, else fp16.
     """
+    import torch
+
     if device.type != "cuda" or precision == "fp32":
         return contextlib.nullcontext()
     if precision == "auto":

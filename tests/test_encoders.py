@@ -274,6 +274,55 @@ def test_hub_offline_without_cache_is_a_clear_error(tmp_path):
     assert "--weights random" in r.stdout
 
 
+def _closed_port() -> int:
+    """A local TCP port nothing listens on (bound then released)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_hub_without_network_fails_fast_and_once(tmp_path):
+    """No HF_HUB_OFFLINE and no network: one quick connectivity check, then the local cache only
+    (huggingface_hub alone retries each file for ~30 s and prints every retry)."""
+    env = {
+        **os.environ,
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_ENDPOINT": f"http://127.0.0.1:{_closed_port()}",
+    }
+    for k in (
+        "HF_HUB_OFFLINE",
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HTTPS_PROXY",
+        "https_proxy",
+    ):
+        env.pop(k, None)
+    code = """
+        import time
+        from slidefm.encoders.registry import get_spec, resolve_weights
+        t0 = time.perf_counter()
+        try:
+            resolve_weights(get_spec("dinov2_vits14"), "hub")
+        except FileNotFoundError as e:
+            print("ERR", e)
+        print("SECONDS", time.perf_counter() - t0)
+        """
+    r = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "ERR" in r.stdout and "no network" in r.stdout, r.stdout
+    assert float(r.stdout.split("SECONDS")[1]) < 10, r.stdout
+    assert "Retrying" not in r.stderr, r.stderr  # huggingface_hub's retry loop never ran
+
+
 def test_hub_offline_with_populated_cache_loads(tiny_checkpoint, tmp_path):
     """An HF cache laid out as huggingface_hub writes it (blob named by sha256) loads offline."""
     _, sd, _, _ = tiny_checkpoint

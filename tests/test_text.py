@@ -205,3 +205,21 @@ def test_train_tokenizer_cli(tmp_path, shared_data):
     info = json.loads(out.with_suffix(".json").read_text())
     assert info["vocab_size"] == 800 and info["num_reports"] == 80 and info["seed"] == 0
     assert ReportTokenizer(out).vocab_size == 800
+
+
+def test_report_column_defaults_to_text_then_report(tmp_path):
+    """synth-cohort's reports.csv (column ``report``) trains a tokenizer without --text-column;
+    ``text`` wins when both exist; neither is one clear error naming the columns."""
+    import pandas as pd
+
+    from slidefm.pipelines.tokenizer import read_report_texts
+
+    only_report, both, neither = (tmp_path / f"{n}.csv" for n in ("r", "b", "n"))
+    pd.DataFrame({"case_id": ["a", "b"], "report": ["Adenocarcinoma.", " "]}).to_csv(only_report)
+    pd.DataFrame({"report": ["from report"], "text": ["from text"]}).to_csv(both)
+    pd.DataFrame({"notes": ["x"]}).to_csv(neither)
+    assert read_report_texts([str(only_report)]) == ["Adenocarcinoma."]
+    assert read_report_texts([str(both)]) == ["from text"]
+    assert read_report_texts([str(both)], "report") == ["from report"]
+    with pytest.raises(ValueError, match=r"no column 'text' or 'report' \(columns: .*notes"):
+        read_report_texts([str(neither)])

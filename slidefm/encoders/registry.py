@@ -16,11 +16,11 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import timm
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch/timm load inside the functions that build models: `--help` stays fast
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -272,22 +272,30 @@ register(
 
 
 # -- building --------------------------------------------------------------------------------
-_LAYERS = {"swiglu_packed": "SwiGLUPacked", "silu": nn.SiLU, "gelu": nn.GELU}
+_LAYERS = {
+    "swiglu_packed": ("timm.layers", "SwiGLUPacked"),
+    "silu": ("torch.nn", "SiLU"),
+    "gelu": ("torch.nn", "GELU"),
+}
 
 
 def _timm_kwargs(spec: TileEncoderSpec) -> dict[str, Any]:
     """Spec kwargs with layer names turned into classes (specs stay printable/hashable)."""
+    import importlib
+
     kw = dict(spec.timm_kwargs)
     for key in ("mlp_layer", "act_layer"):
         if isinstance(kw.get(key), str):
-            layer = _LAYERS[kw[key]]
-            kw[key] = getattr(timm.layers, layer) if isinstance(layer, str) else layer
+            module, attr = _LAYERS[kw[key]]
+            kw[key] = getattr(importlib.import_module(module), attr)
     kw.setdefault("num_classes", 0)
     return kw
 
 
 def build_model(spec: TileEncoderSpec) -> nn.Module:
     """The timm ViT of ``spec`` with random init (use ``with torch.device("meta")`` for shapes)."""
+    import timm
+
     return timm.create_model(spec.arch, pretrained=False, **_timm_kwargs(spec))
 
 
@@ -321,12 +329,36 @@ def _file_sha256(path: Path) -> str:
     return sha256_file(real)
 
 
-def _hub_not_found_message(spec: TileEncoderSpec, reason: str) -> str:
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+def _hub_offline_env() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no", "off")
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """One TCP connect to the hub endpoint (``HF_ENDPOINT``), at most ``timeout_s`` seconds.
+
+    Without it, huggingface_hub retries each file for ~30 s with backoff when there is no
+    network. Behind a proxy (``HTTPS_PROXY``/``ALL_PROXY``) a direct connect proves nothing, so
+    the hub is assumed reachable and huggingface_hub decides.
+    """
+    import socket
+    from urllib.parse import urlparse
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        with socket.create_connection((url.hostname or "", port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def _hub_not_found_message(spec: TileEncoderSpec, reason: str, offline: str = "") -> str:
     repo = spec.hub_id.removeprefix("hf-hub:") if spec.hub_id else "?"
     return (
         f"Weights for tile encoder {spec.name!r} ({spec.hub_id}) are not available"
-        f"{' offline (HF_HUB_OFFLINE=1)' if offline else ''}: {reason}\n"
+        f"{f' offline ({offline})' if offline else ''}: {reason}\n"
         "Fix one of:\n"
         f"  * pass a local checkpoint: --weights /path/to/{spec.hub_files[-1]}\n"
         f"  * fill the Hugging Face cache on a machine with internet: "
@@ -348,15 +380,21 @@ def _download_hub(spec: TileEncoderSpec) -> Path:
             "or --weights PATH."
         )
     repo = spec.hub_id.removeprefix("hf-hub:")
+    if _hub_offline_env():
+        offline = "HF_HUB_OFFLINE=1"
+    elif not hub_reachable():
+        offline = "no network: the hub endpoint is unreachable, only the local cache was read"
+    else:
+        offline = ""
     errors = []
     for filename in spec.hub_files:
         try:
-            return Path(hf_hub_download(repo, filename))
+            return Path(hf_hub_download(repo, filename, local_files_only=bool(offline)))
         except (LocalEntryNotFoundError, EntryNotFoundError) as e:
             errors.append(f"{filename}: {type(e).__name__}")
         except (HfHubHTTPError, OSError) as e:  # gated/401/403, network
             errors.append(f"{filename}: {type(e).__name__}: {str(e).splitlines()[0]}")
-    raise FileNotFoundError(_hub_not_found_message(spec, "; ".join(errors)))
+    raise FileNotFoundError(_hub_not_found_message(spec, "; ".join(errors), offline))
 
 
 def resolve_weights(spec: TileEncoderSpec, weights: str | Path = "hub") -> ResolvedWeights:
@@ -385,6 +423,8 @@ def resolve_weights(spec: TileEncoderSpec, weights: str | Path = "hub") -> Resol
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors of a checkpoint file (safetensors or torch pickle, loaded weights-only)."""
+    import torch
+
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
@@ -424,6 +464,8 @@ def convert_hf_dinov2(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
     q, k, v projections are concatenated in that order into timm's fused ``qkv``.
     """
+    import torch
+
     out: dict[str, torch.Tensor] = {}
     simple = {
         "embeddings.cls_token": "cls_token",

@@ -29,8 +29,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from slidefm.eval.metrics import bootstrap_ci
-
 log = logging.getLogger(__name__)
 
 BACKENDS = ("exact", "faiss", "qdrant")
@@ -254,6 +252,8 @@ def retrieval_metrics(
     seed: int = 0,
 ) -> dict[str, dict[str, float]]:
     """Mean of each per-query metric with a 95% bootstrap CI: {name: {value, lo, hi}}."""
+    from slidefm.eval.metrics import bootstrap_ci  # scipy/sklearn: not at import (CLI start-up)
+
     per = per_query_metrics(ranked, relevant, ks)
     g = None if groups is None else np.asarray(groups)
     out = {}

@@ -12,11 +12,9 @@ from pathlib import Path
 
 import pandas as pd
 
-log = logging.getLogger(__name__)
+from slidefm.options import SLIDE_LEVEL_RISK
 
-SLIDE_LEVEL_RISK = (
-    "slides of one patient can land in different folds (train and test), which inflates the metrics"
-)
+log = logging.getLogger(__name__)
 
 
 class ManifestError(ValueError):
@@ -144,12 +142,3 @@ def strip_labels(df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
                         c, int(changed.sum()), ", ".join(ex))  # fmt: skip
             out[c] = stripped
     return out
-
-
-def add_slide_level_only(p) -> None:
-    """The ``--slide-level-only`` option of the commands that use ``read_cohort_manifest``."""
-    p.add_argument(
-        "--slide-level-only",
-        action="store_true",
-        help=f"accept a manifest without case_id (each slide its own patient); risk: {SLIDE_LEVEL_RISK}",
-    )

@@ -4,6 +4,9 @@ from typing import Any
 
 __all__ = ["create_slide_encoder", "list_slide_encoders"]
 
+# Names the CLI lists in ``--help``: kept here, free of torch, so parsing stays fast.
+MIL_MODELS = ("mean", "max", "abmil", "transmil", "slide_encoder")
+
 
 def __getattr__(name: str) -> Any:  # lazy: importing a submodule should not build the registry
     if name in __all__:

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-MIL_MODELS = ("mean", "max", "abmil", "transmil", "slide_encoder")
+from slidefm.models import MIL_MODELS
 
 
 def _mask(features: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:

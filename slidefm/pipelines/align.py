@@ -20,36 +20,20 @@ import argparse
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import torch
 
 from slidefm.config import apply_overrides, config_hash, from_dict, load_yaml, resolve_config_path
-from slidefm.encoders.text import ReportTokenizer, TextTowerConfig, train_tokenizer
-from slidefm.eval.retrieval import build_index, per_query_metrics
-from slidefm.io.bags import FeatureBagDataset
-from slidefm.io.embeddings import read_embeddings
-from slidefm.io.manifest import read_manifest
-from slidefm.io.pairs import SlideReportPairs, collate_pairs
-from slidefm.models.clip import AlignModelConfig, SlideTextModel, clip_loss
+from slidefm.options import add_overwrite
 from slidefm.pipelines.embed import embed_dataset, file_sha256
-from slidefm.runtime import dist_info, pick_device, seed_everything
-from slidefm.train.data import make_loader, training_bags
-from slidefm.train.loop import TrainConfig
-from slidefm.train.run_dir import (
-    RUN_CONFIG,
-    TRAIN_OUTPUTS,
-    add_overwrite,
-    check_train_section,
-    claim_run_dir,
-    fit_run,
-    inputs_hash,
-    run_identity,
-    save_final,
-    write_json,
-)
+from slidefm.runtime import dist_info, no_grad, pick_device, seed_everything
+
+if TYPE_CHECKING:  # torch-based modules load inside the functions (`slidefm --help` stays fast)
+    import pandas as pd
+    import torch
+
+    from slidefm.models.clip import SlideTextModel
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +70,10 @@ class AlignRunConfig:
 
 def load_run_config(path: str | None, overrides: list[str] | None) -> dict[str, Any]:
     """YAML (+ overrides) → plain dict, validated by building every section's dataclass."""
+    from slidefm.encoders.text import TextTowerConfig
+    from slidefm.models.clip import AlignModelConfig
+    from slidefm.train.run_dir import check_train_section
+
     raw = apply_overrides(load_yaml(resolve_config_path(path, "align")) if path else {}, overrides)
     run = from_dict(AlignRunConfig, raw)
     from_dict(AlignModelConfig, run.model)
@@ -158,6 +146,9 @@ def slide_embeddings(
 ) -> np.ndarray:
     """Slide-encoder embeddings [N, E_slide] of ``slide_ids``: read from an embedding H5, or
     computed from tile-feature files with the model's slide encoder (whole slides)."""
+    from slidefm.io.bags import FeatureBagDataset
+    from slidefm.io.embeddings import read_embeddings
+
     if (features is None) == (embeddings is None):
         raise ValueError("give exactly one of --features DIR or --embeddings H5")
     if embeddings is not None:
@@ -179,11 +170,16 @@ def slide_embeddings(
 
 
 # -- evaluation during training ------------------------------------------------------------
-@torch.no_grad()
+@no_grad
 def val_metrics(
     model: SlideTextModel, slide_emb: np.ndarray, reports: list[str], ks=(1, 5)
 ) -> dict[str, float]:
     """Contrastive loss and slide→report Recall@K over the validation patients (one batch)."""
+    import torch
+
+    from slidefm.eval.retrieval import build_index, per_query_metrics
+    from slidefm.models.clip import clip_loss
+
     dev = model.logit_scale.device
     zs = model.encode_slide(embeddings=torch.from_numpy(slide_emb).to(dev))
     zt = model.embed_texts(reports)
@@ -212,6 +208,28 @@ def run_align(
 
     ``out`` belongs to one (config, manifest rows + slide inputs + tokenizer, seed): another
     one is refused unless ``overwrite`` (see ``train.run_dir.claim_run_dir``)."""
+    import pandas as pd
+    import torch
+
+    from slidefm.encoders.text import ReportTokenizer, train_tokenizer
+    from slidefm.io.bags import FeatureBagDataset
+    from slidefm.io.embeddings import read_embeddings
+    from slidefm.io.manifest import read_manifest
+    from slidefm.io.pairs import SlideReportPairs, collate_pairs
+    from slidefm.models.clip import AlignModelConfig, SlideTextModel
+    from slidefm.train.data import make_loader, training_bags
+    from slidefm.train.loop import TrainConfig
+    from slidefm.train.run_dir import (
+        RUN_CONFIG,
+        TRAIN_OUTPUTS,
+        claim_run_dir,
+        fit_run,
+        inputs_hash,
+        run_identity,
+        save_final,
+        write_json,
+    )
+
     out = Path(out)
     cfgd = load_run_config(config, overrides)
     data = from_dict(AlignDataConfig, cfgd["data"])
@@ -380,7 +398,7 @@ def run_align(
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from slidefm.cli import add_common
+    from slidefm.options import add_common
 
     p = sub.add_parser("align", help="contrastive slide-report alignment (CLIP-style)")
     src = p.add_mutually_exclusive_group(required=True)

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import pandas as pd
-
-from slidefm.io.manifest import read_manifest, strip_labels
-from slidefm.models.clip import SlideTextModel
 from slidefm.pipelines.embed import file_sha256
 from slidefm.runtime import pick_device, seed_everything
+
+if TYPE_CHECKING:  # heavy modules load inside the functions (`slidefm --help` stays fast)
+    import pandas as pd
+
+    from slidefm.models.clip import SlideTextModel
 
 # Options of ``add_input_args``/``add_run_args`` that ``run_kwargs`` forwards by name to
 # run_zero_shot / run_retrieve (--checkpoint and --out are positional there).
@@ -38,6 +39,8 @@ def load_model(
     checkpoint: str | Path, device: str, seed: int
 ) -> tuple[SlideTextModel, dict[str, Any]]:
     """(model on ``device``, provenance), after seeding every RNG with ``seed``."""
+    from slidefm.models.clip import SlideTextModel
+
     seed_everything(seed)
     model = SlideTextModel.from_checkpoint(checkpoint).to(pick_device(device))
     return model, checkpoint_provenance(checkpoint, model)
@@ -48,6 +51,8 @@ def manifest_rows(
 ) -> pd.DataFrame:
     """The manifest's rows of ``split`` (all rows without one), index reset; checks that the
     split and label columns named on the command line exist."""
+    from slidefm.io.manifest import read_manifest, strip_labels
+
     df = read_manifest(manifest)
     if split:
         if "split" not in df:

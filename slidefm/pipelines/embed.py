@@ -16,17 +16,18 @@ import hashlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
-from tqdm import tqdm
 
 from slidefm.config import config_hash
-from slidefm.io.bags import FeatureBagDataset, item_rng, subsample
-from slidefm.io.embeddings import write_embeddings
-from slidefm.io.manifest import read_manifest
-from slidefm.runtime import autocast, pick_device, seed_everything
+from slidefm.runtime import autocast, no_grad, pick_device, seed_everything
+
+if TYPE_CHECKING:  # heavy modules load inside the functions (`slidefm --help` stays fast)
+    import torch
+    from torch import nn
+
+    from slidefm.io.bags import FeatureBagDataset
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +40,7 @@ def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-@torch.no_grad()
+@no_grad
 def embed_dataset(
     encoder: nn.Module,
     dataset: FeatureBagDataset,
@@ -51,6 +52,8 @@ def embed_dataset(
 
     The encoder is put in eval mode and restored to its previous mode afterwards.
     """
+    from tqdm import tqdm
+
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
@@ -144,7 +147,7 @@ def check_published_inputs(entry, path: Path, attrs: dict, dim: int) -> None:
         log.warning("%s: no tile encoder recorded; %s", path.name, expected)
 
 
-@torch.no_grad()
+@no_grad
 def embed_published(
     encoder: nn.Module,
     dataset: FeatureBagDataset,
@@ -155,6 +158,11 @@ def embed_published(
     progress: bool = False,
 ) -> tuple[list[str], np.ndarray]:
     """(slide_ids, [N_slides, E]) with a published encoder: coords + patch size per slide."""
+    import torch
+    from tqdm import tqdm
+
+    from slidefm.io.bags import item_rng, subsample
+
     entry = encoder.registry_entry
     ids, out = [], []
     for i in tqdm(range(len(dataset)), desc="embed", disable=not progress, dynamic_ncols=True):
@@ -188,6 +196,9 @@ def run_embed(
     model: str | None = None,
 ) -> Path:
     """Embed every slide of ``features`` (or ``slide_ids``) and write ``out`` atomically."""
+    from slidefm.io.bags import FeatureBagDataset
+    from slidefm.io.embeddings import write_embeddings
+
     seed_everything(seed)  # random weights (and max_tiles subsets) are reproducible
     if model and (checkpoint or config):
         raise ValueError("give --model NAME --weights W, or --checkpoint / --config, not both")
@@ -253,6 +264,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slidefm.io.manifest import read_manifest
+
     ids = None
     if args.manifest:
         ids = read_manifest(args.manifest)["slide_id"].astype(str).tolist()

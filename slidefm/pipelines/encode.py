@@ -14,12 +14,9 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import torch
-from tqdm import tqdm
 
 import slidefm
 from slidefm.config import (
@@ -31,15 +28,11 @@ from slidefm.config import (
     resolve_config_path,
 )
 from slidefm.io.atomic import atomic_path, clean_stale_tmp
-from slidefm.io.features import FeatureFileError, SlideFeatures, is_complete, write_features
-from slidefm.io.manifest import read_manifest
 from slidefm.runtime import dist_info, pick_device, seed_everything
-from slidefm.wsi.patches import TileRegionDataset, iter_tile_batches, tile_loader
-from slidefm.wsi.qc import save_qc
 from slidefm.wsi.reader import SLIDE_EXTENSIONS, SlideReader, SlideReadError, slide_id_from_path
-from slidefm.wsi.stain import macenko_normalize
-from slidefm.wsi.tiling import EmptyTissueError, make_tile_grid
-from slidefm.wsi.tissue import TissueConfig, slide_tissue_mask
+
+if TYPE_CHECKING:  # heavy modules load inside the functions (`slidefm --help` stays fast)
+    from slidefm.wsi.tissue import TissueConfig
 
 log = logging.getLogger(__name__)
 QC_MIN_SIZE = 1024  # px, longer side of the QC image
@@ -80,6 +73,8 @@ class EncodeConfig:
     tissue: dict = dataclasses.field(default_factory=dict)
 
     def tissue_config(self) -> TissueConfig:
+        from slidefm.wsi.tissue import TissueConfig
+
         return from_dict(
             TissueConfig,
             {k: tuple(v) if isinstance(v, list) else v for k, v in self.tissue.items()},
@@ -106,6 +101,10 @@ class SlideResult:
 # -- inputs ---------------------------------------------------------------------------------
 def collect_slides(inputs: list[str], manifest: str | None = None) -> list[SlideJob]:
     """Slide files, folders (recursive, by extension) and/or a manifest → sorted, unique jobs."""
+    import pandas as pd
+
+    from slidefm.io.manifest import read_manifest
+
     jobs: list[SlideJob] = []
     if manifest:
         df = read_manifest(manifest, required=("slide_id", "path"))
@@ -166,6 +165,13 @@ def encode_slide(
     job: SlideJob, cfg: EncodeConfig, encoder: Any, out_dir: Path, seed: int, chash: str
 ) -> int:
     """Encode one slide to ``out_dir/<slide_id>.h5``; returns the number of tiles."""
+    from slidefm.io.features import SlideFeatures, write_features
+    from slidefm.wsi.patches import TileRegionDataset, iter_tile_batches, tile_loader
+    from slidefm.wsi.qc import save_qc
+    from slidefm.wsi.stain import macenko_normalize
+    from slidefm.wsi.tiling import make_tile_grid
+    from slidefm.wsi.tissue import slide_tissue_mask
+
     mpp_override = job.mpp if job.mpp is not None else cfg.mpp
     with SlideReader(job.path, mpp_override=mpp_override) as reader:
         info, level0_mpp = reader.info, reader.mpp
@@ -254,6 +260,11 @@ def run_encode(
     progress: bool = True,
 ) -> list[SlideResult]:
     """Encode ``jobs`` into ``out_dir``; never raises for a bad slide (see the results)."""
+    from tqdm import tqdm
+
+    from slidefm.io.features import FeatureFileError, is_complete
+    from slidefm.wsi.tiling import EmptyTissueError
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = clean_stale_tmp(out_dir) + clean_stale_tmp(out_dir / "qc")
@@ -320,6 +331,8 @@ def run_encode(
 
 
 def _write_reports(out_dir: Path, results: list[SlideResult], cfg: EncodeConfig, seed: int) -> None:
+    import pandas as pd
+
     rank, world = dist_info()
     suffix = f".rank{rank}" if world > 1 else ""
     failed = [r for r in results if r.status == "failed"]
@@ -383,7 +396,7 @@ FLAG_TO_FIELD = {
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from slidefm.cli import add_common
+    from slidefm.options import add_common
 
     p = sub.add_parser("encode-slides", help="tile slides and embed tiles → one HDF5 per slide")
     p.add_argument("inputs", nargs="*", help="slide files and/or folders (searched recursively)")
@@ -415,6 +428,8 @@ def config_from_args(args: argparse.Namespace) -> EncodeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
     cfg = config_from_args(args)
     jobs = collect_slides(args.inputs, args.manifest)
     rank, world = dist_info()

@@ -10,26 +10,16 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import torch
-from PIL import Image
 
-from slidefm.eval.heatmap import (
-    normalize_scores,
-    render_heatmap,
-    slide_thumbnail,
-    tile_scores,
-    tiles_geojson,
-    write_geojson,
-    write_png,
-)
-from slidefm.eval.report import write_csv, write_json
-from slidefm.io.features import SlideFeatures, check_encoder_matches, read_features
-from slidefm.models.mil import load_mil_checkpoint
 from slidefm.runtime import pick_device, seed_everything
+
+if TYPE_CHECKING:  # torch-based modules load inside the functions (`slidefm --help` stays fast)
+    import torch
+
+    from slidefm.io.features import SlideFeatures
 
 
 def check_slide_matches(slide: str | Path, sf: SlideFeatures, features: str | Path) -> None:
@@ -68,6 +58,10 @@ def score_slide(
     """One slide through a MIL model → {scores (N,), kind, class (index), classes,
     probabilities (C,)}. ``target`` (a class name) defaults to the predicted class. Shared by
     ``slidefm heatmap`` and the viewer so both show the same numbers."""
+    import torch
+
+    from slidefm.eval.heatmap import tile_scores
+
     if sf.features.shape[1] != meta["in_dim"]:
         raise ValueError(
             f"{sf.slide_id} holds {sf.features.shape[1]}-d features but the model expects {meta['in_dim']}-d; use features from the tile encoder it was trained on"
@@ -95,6 +89,21 @@ def score_slide(
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from PIL import Image
+
+    from slidefm.eval.heatmap import (
+        normalize_scores,
+        render_heatmap,
+        slide_thumbnail,
+        tiles_geojson,
+        write_geojson,
+        write_png,
+    )
+    from slidefm.eval.report import write_csv, write_json
+    from slidefm.io.features import check_encoder_matches, read_features
+    from slidefm.models.mil import load_mil_checkpoint
+
     seed_everything(args.seed)
     sf = read_features(args.features)
     model, meta = load_mil_checkpoint(args.checkpoint)
@@ -164,7 +173,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from slidefm.cli import add_common
+    from slidefm.options import add_common
 
     p = sub.add_parser(
         "heatmap", help="per-tile attention/attribution → PNG over the thumbnail + QuPath GeoJSON"

@@ -19,12 +19,9 @@ import logging
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import torch
-from tqdm import tqdm
 
 import slidefm
 from slidefm.config import (
@@ -35,62 +32,16 @@ from slidefm.config import (
     load_yaml,
     resolve_config_path,
 )
-from slidefm.eval.report import (
-    evaluate_predictions,
-    format_summary,
-    write_csv,
-    write_json,
-    write_report,
-)
-from slidefm.eval.splits import (
-    fold_indices,
-    load_or_make_splits,
-    load_splits,
-    save_splits,
-    splits_from_manifest,
-)
-from slidefm.eval.targets import (
-    Task,
-    aggregate_patients,
-    check_class_sizes,
-    check_feature_files,
-    encode_targets,
-    make_task,
-    prediction_frame,
-    target_frame,
-)
 from slidefm.io.atomic import atomic_path
-from slidefm.io.bags import collate_bags, item_rng, subsample
-from slidefm.io.features import check_cohort, check_encoder_matches, read_attrs, read_features
-from slidefm.io.manifest import (
-    SLIDE_LEVEL_RISK,
-    add_slide_level_only,
-    read_cohort_manifest,
-    read_manifest,
-    strip_labels,
-)
-from slidefm.models.mil import (
-    MIL_MODELS,
-    Standardized,
-    build_mil_model,
-    build_slide_encoder,
-    class_weights,
-    load_mil_checkpoint,
-    mil_loss,
-    probabilities,
-    save_mil_checkpoint,
-    slide_encoder_weights,
-)
-from slidefm.models.pretrain import feature_stats as tile_feature_stats
-from slidefm.runtime import pick_device, seed_everything
-from slidefm.train.run_dir import (
-    RUN_CONFIG,
-    add_overwrite,
-    claim_run_dir,
-    inputs_hash,
-    run_identity,
-)
-from slidefm.train.run_dir import write_json as write_run_json
+from slidefm.models import MIL_MODELS
+from slidefm.options import SLIDE_LEVEL_RISK, add_overwrite, add_slide_level_only
+from slidefm.runtime import no_grad, pick_device, seed_everything
+
+if TYPE_CHECKING:  # torch-based modules load inside the functions (`slidefm --help` stays fast)
+    import pandas as pd
+    import torch
+
+    from slidefm.eval.targets import Task
 
 log = logging.getLogger(__name__)
 
@@ -157,6 +108,8 @@ class Bags:
         return [p.stem for p in self.paths]
 
     def get(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        from slidefm.io.features import read_features
+
         if self.cached is not None:
             return self.cached[j]
         sf = read_features(self.paths[j])
@@ -166,6 +119,10 @@ class Bags:
 def load_bags(paths: list[Path], progress: bool = True, cache_gb: float = 8.0) -> Bags:
     """Check every feature file (tiles present, one tile encoder for the cohort) and load them
     into memory when their float32 size is under ``cache_gb``."""
+    from tqdm import tqdm
+
+    from slidefm.io.features import check_cohort, read_attrs
+
     shapes = check_cohort(paths)
     first = read_attrs(paths[0])
     attrs = {k: first.get(k) for k in ("encoder", "encoder_weights", "target_mpp", "patch_size")}
@@ -182,11 +139,13 @@ def load_bags(paths: list[Path], progress: bool = True, cache_gb: float = 8.0) -
     return bags
 
 
-class BagDataset(torch.utils.data.Dataset):
+class BagDataset:
     """Items of in-memory ``Bags`` with targets, in ``FeatureBagDataset``'s item format.
 
     ``max_tiles`` draws a random tile subset per (seed, epoch, item) — training augmentation
-    and a memory cap; evaluation passes None and sees every tile.
+    and a memory cap; evaluation passes None and sees every tile. A map-style dataset by its
+    ``__len__``/``__getitem__`` (no ``torch.utils.data.Dataset`` base: this module imports
+    torch only when it runs, so ``slidefm mil --help`` stays fast).
     """
 
     def __init__(
@@ -206,7 +165,11 @@ class BagDataset(torch.utils.data.Dataset):
         )
         self.epoch = 0
 
-    collate = staticmethod(collate_bags)
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        from slidefm.io.bags import collate_bags
+
+        return collate_bags(items)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -215,6 +178,10 @@ class BagDataset(torch.utils.data.Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        from slidefm.io.bags import item_rng, subsample
+
         j = int(self.index[i])
         f, g = self.bags.get(j)
         keep = subsample(len(f), self.max_tiles, item_rng(self.seed, self.epoch, i))
@@ -231,14 +198,20 @@ class BagDataset(torch.utils.data.Dataset):
 def feature_stats(bags: Bags, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per-dimension mean and std (D,) over every tile of the bags in ``index``: the project's
     one tile-statistics routine (``models.pretrain.feature_stats``, float64 sums), uncapped."""
+    from slidefm.models.pretrain import feature_stats as tile_feature_stats
+
     mean, std = tile_feature_stats((bags.get(int(j))[0] for j in index), max_tiles=sys.maxsize)
     return mean.numpy(), std.numpy()
 
 
-class EmbeddingDataset(torch.utils.data.Dataset):
+class EmbeddingDataset:
     """Frozen slide-encoder embeddings (N_slides, E) as training items ``{"embedding", "label"}``."""
 
-    collate = staticmethod(torch.utils.data.default_collate)
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        return torch.utils.data.default_collate(items)
 
     def __init__(self, z: np.ndarray, index: np.ndarray, y: np.ndarray):
         self.z, self.index, self.y = z, np.asarray(index), np.asarray(y)
@@ -247,12 +220,16 @@ class EmbeddingDataset(torch.utils.data.Dataset):
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
         j = int(self.index[i])
         return {"embedding": torch.from_numpy(self.z[j]), "label": torch.as_tensor(self.y[j])}
 
 
 # -- training -------------------------------------------------------------------------------
 def _to(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    import torch
+
     return {
         k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()
     }
@@ -265,7 +242,7 @@ def forward_batch(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, to
     return model(batch["features"], batch["grid"], batch["padding_mask"])
 
 
-@torch.no_grad()
+@no_grad
 def predict_bags(
     model: torch.nn.Module,
     dataset: BagDataset | EmbeddingDataset,
@@ -274,6 +251,10 @@ def predict_bags(
     multilabel: bool,
 ) -> np.ndarray:
     """(len(dataset), C) probabilities; bags are used whole (every tile)."""
+    import torch
+
+    from slidefm.models.mil import probabilities
+
     model.eval()
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate
@@ -285,12 +266,16 @@ def predict_bags(
     return torch.cat(out).numpy().astype(np.float64)
 
 
-@torch.no_grad()
+@no_grad
 def frozen_embeddings(
     model: torch.nn.Module, bags: Bags, key: str, batch_size: int, device: torch.device
 ) -> np.ndarray:
     """(N_slides, E) embeddings of every whole bag by a frozen slide encoder, computed once per
     run (cached on ``bags`` under ``key``) and shared by all folds and seeds."""
+    import torch
+
+    from slidefm.io.bags import collate_bags
+
     if key not in bags.embeddings:
         model = model.to(device).eval()
         ds = BagDataset(bags, np.arange(len(bags.paths)), np.zeros(len(bags.paths), np.int64))
@@ -309,7 +294,10 @@ def _val_score(
     model, val_set, y_val, cfg: MILConfig, device, task: Task, weight
 ) -> tuple[float, dict[str, float]]:
     """Validation (score to maximise, metrics): −loss (weighted like training) or AUROC."""
+    import torch
+
     from slidefm.eval.metrics import auroc
+    from slidefm.models.mil import mil_loss
 
     prob = predict_bags(model, val_set, cfg.eval_batch_size, device, task.multilabel)
     p = torch.from_numpy(prob)
@@ -338,6 +326,8 @@ CKPT_EPOCHS = 5  # Trainer checkpoint (and loss-curve PNG) every this many epoch
 def _build_model(
     cfg: MILConfig, in_dim: int, num_classes: int
 ) -> tuple[torch.nn.Module, dict, str | None]:
+    from slidefm.models.mil import build_mil_model, build_slide_encoder
+
     encoder, enc_weights = None, None
     kwargs = dict(cfg.model_kwargs)
     if cfg.model == "slide_encoder":
@@ -366,6 +356,10 @@ def train_fold(
     ``early_stopping.json``) lives beside it, so an interrupted fold resumes; a fold folder
     left by a different config is cleared first. Returns the best-epoch model and its meta.
     """
+    import torch
+
+    from slidefm.eval.report import write_json
+    from slidefm.models.mil import Standardized, class_weights, mil_loss
     from slidefm.train.data import make_loader
     from slidefm.train.loop import CKPT_RE, TrainConfig, Trainer, latest_checkpoint
 
@@ -526,6 +520,13 @@ def build_splits(
     out: Path,
 ) -> pd.DataFrame:
     """Saved splits (``--splits FILE``), the manifest's split column, or K-fold CV."""
+    from slidefm.eval.splits import (
+        load_or_make_splits,
+        load_splits,
+        save_splits,
+        splits_from_manifest,
+    )
+
     sdf = df.assign(_stratum=_stratum(df, task))
     ids = df["slide_id"].astype(str).tolist()
     if args.splits:
@@ -560,6 +561,14 @@ def run_cv(
     progress: bool = True,
 ) -> pd.DataFrame:
     """Train and test every (seed, fold); returns the out-of-fold prediction table."""
+    import pandas as pd
+    from tqdm import tqdm
+
+    from slidefm.eval.report import write_csv, write_json
+    from slidefm.eval.splits import fold_indices
+    from slidefm.eval.targets import encode_targets, prediction_frame
+    from slidefm.models.mil import save_mil_checkpoint
+
     y = encode_targets(df, task)
     pos = {s: i for i, s in enumerate(df["slide_id"].astype(str))}
     bag_pos = {s: i for i, s in enumerate(bags.slide_ids)}
@@ -629,6 +638,16 @@ def provenance_notes(bags: Bags, cfg: MILConfig, enc_weights: str | None) -> lis
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from slidefm.eval.report import evaluate_predictions, format_summary, write_csv, write_report
+    from slidefm.eval.targets import (
+        aggregate_patients,
+        check_class_sizes,
+        check_feature_files,
+        make_task,
+    )
+    from slidefm.io.manifest import read_cohort_manifest, strip_labels
+    from slidefm.models.mil import slide_encoder_weights
+
     cfg = config_from_args(args)
     cfg.validate()
     out = Path(args.out)
@@ -681,6 +700,20 @@ def run_train(args: argparse.Namespace) -> int:
 
 # -- predict --------------------------------------------------------------------------------
 def run_predict(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from slidefm.eval.report import evaluate_predictions, format_summary, write_csv, write_json
+    from slidefm.eval.targets import (
+        Task,
+        aggregate_patients,
+        check_feature_files,
+        encode_targets,
+        target_frame,
+    )
+    from slidefm.io.features import check_encoder_matches
+    from slidefm.io.manifest import read_manifest, strip_labels
+    from slidefm.models.mil import load_mil_checkpoint
+
     ckpt = Path(args.checkpoint)
     files = sorted(ckpt.glob("seed*/fold*/model.pt")) if ckpt.is_dir() else [ckpt]
     if not files:
@@ -756,6 +789,9 @@ def claim_mil_out(
     """``--out`` belongs to one (config, task, feature files + manifest rows): a finished fold
     is reused only by the same run (more --seeds extend it), another one is refused unless
     ``overwrite``. Records the identity in run_config.json; returns it."""
+    from slidefm.train.run_dir import RUN_CONFIG, claim_run_dir, inputs_hash, run_identity
+    from slidefm.train.run_dir import write_json as write_run_json
+
     cols = ["slide_id", "case_id", *task.labels]
     rows = df[cols].astype(str).values.tolist()
     chash = config_hash({"config": dataclasses.asdict(cfg), "task": task.to_dict()})
@@ -803,7 +839,7 @@ def config_from_args(args: argparse.Namespace) -> MILConfig:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from slidefm.cli import add_common
+    from slidefm.options import add_common
 
     p = sub.add_parser(
         "mil", help="MIL biomarker prediction: cross-validated training and prediction"
@@ -812,7 +848,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     msub.required = True
 
     t = msub.add_parser(
-        "train", help="K-fold CV (patient-grouped) over seeds → metrics with 95% CIs"
+        "train", help="K-fold CV (patient-grouped) over seeds → metrics with 95%% CIs"
     )
     t.add_argument(
         "--manifest", required=True, help="CSV with slide_id, case_id and the label column(s)"

@@ -12,30 +12,16 @@ import argparse
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from slidefm.config import apply_overrides, config_hash, from_dict, load_yaml, resolve_config_path
-from slidefm.eval.rankme import rankme
-from slidefm.io.bags import FeatureBagDataset, collate_bags, list_feature_files
-from slidefm.io.manifest import read_manifest
-from slidefm.models.pretrain import MaskedFeatureModel, PretrainConfig, feature_stats
 from slidefm.pipelines.embed import embed_dataset
 from slidefm.runtime import dist_info, seed_everything
-from slidefm.train.data import make_loader, training_bags
-from slidefm.train.loop import TrainConfig
-from slidefm.train.run_dir import (
-    RUN_CONFIG,
-    TRAIN_OUTPUTS,
-    check_train_section,
-    claim_run_dir,
-    fit_run,
-    inputs_hash,
-    run_identity,
-    save_final,
-    write_json,
-)
+
+if TYPE_CHECKING:  # torch-based modules load inside the functions (`slidefm --help` stays fast)
+    from slidefm.models.pretrain import MaskedFeatureModel
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +53,9 @@ class PretrainRunConfig:
 
 def load_run_config(path: str | None, overrides: list[str] | None) -> dict[str, Any]:
     """YAML (+ overrides) → plain dict, validated by building every section's dataclass."""
+    from slidefm.models.pretrain import PretrainConfig
+    from slidefm.train.run_dir import check_train_section
+
     raw = apply_overrides(
         load_yaml(resolve_config_path(path, "pretrain")) if path else {}, overrides
     )
@@ -80,6 +69,9 @@ def load_run_config(path: str | None, overrides: list[str] | None) -> dict[str, 
 def select_slides(features: str | Path, manifest: str | None, split: str | None) -> list[str]:
     """Slide ids to pretrain on: the feature folder, or the manifest's rows (its ``split``
     column restricted to ``split`` when both exist)."""
+    from slidefm.io.bags import list_feature_files
+    from slidefm.io.manifest import read_manifest
+
     if not manifest:
         return [p.stem for p in list_feature_files(features)]
     df = read_manifest(manifest)
@@ -116,7 +108,22 @@ def run_pretrain(
 
     ``out`` belongs to one (config, feature files, seed): another one is refused unless
     ``overwrite`` (see ``train.run_dir.claim_run_dir``)."""
+    from slidefm.eval.rankme import rankme
+    from slidefm.io.bags import FeatureBagDataset, collate_bags
+    from slidefm.models.pretrain import MaskedFeatureModel, PretrainConfig, feature_stats
     from slidefm.models.slide_encoder import SlideEncoder
+    from slidefm.train.data import make_loader, training_bags
+    from slidefm.train.loop import TrainConfig
+    from slidefm.train.run_dir import (
+        RUN_CONFIG,
+        TRAIN_OUTPUTS,
+        claim_run_dir,
+        fit_run,
+        inputs_hash,
+        run_identity,
+        save_final,
+        write_json,
+    )
 
     out = Path(out)
     cfgd = load_run_config(config, overrides)
@@ -187,8 +194,7 @@ def run_pretrain(
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from slidefm.cli import add_common
-    from slidefm.train.run_dir import add_overwrite
+    from slidefm.options import add_common, add_overwrite
 
     p = sub.add_parser("pretrain", help="masked-feature-modeling pretraining of a slide encoder")
     p.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files")

@@ -16,47 +16,23 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
-from tqdm import tqdm
 
 import slidefm
-from slidefm.eval.probes import FEW_SHOT_KS, few_shot, knn_probe, linear_probe, mean_sd
-from slidefm.eval.report import (
-    evaluate_predictions,
-    format_summary,
-    write_csv,
-    write_json,
-    write_report,
-)
-from slidefm.eval.splits import (
-    fold_indices,
-    load_or_make_splits,
-    load_splits,
-    save_splits,
-    splits_from_manifest,
-)
-from slidefm.eval.targets import (
-    aggregate_patients,
-    check_class_sizes,
-    encode_targets,
-    make_task,
-    prediction_frame,
-)
-from slidefm.io.manifest import (
-    SLIDE_LEVEL_RISK,
-    ManifestError,
-    add_slide_level_only,
-    read_cohort_manifest,
-    strip_labels,
-)
+from slidefm.options import SLIDE_LEVEL_RISK, add_slide_level_only
+
+if TYPE_CHECKING:  # heavy modules load inside run() (`slidefm --help` stays fast)
+    import pandas as pd
 
 PROBES = ("linear", "knn", "fewshot")
 
 
 def align_embeddings(df: pd.DataFrame, slide_ids: list[str], emb: np.ndarray) -> np.ndarray:
     """Rows of ``emb`` in manifest order; a manifest slide without an embedding is an error."""
+    from slidefm.io.manifest import ManifestError
+
     pos = {str(s): i for i, s in enumerate(slide_ids)}
     missing = [s for s in df["slide_id"].astype(str) if s not in pos]
     if missing:
@@ -68,7 +44,33 @@ def align_embeddings(df: pd.DataFrame, slide_ids: list[str], emb: np.ndarray) ->
 
 
 def run(args: argparse.Namespace) -> int:
+    import pandas as pd
+    from tqdm import tqdm
+
+    from slidefm.eval.probes import FEW_SHOT_KS, few_shot, knn_probe, linear_probe, mean_sd
+    from slidefm.eval.report import (
+        evaluate_predictions,
+        format_summary,
+        write_csv,
+        write_json,
+        write_report,
+    )
+    from slidefm.eval.splits import (
+        fold_indices,
+        load_or_make_splits,
+        load_splits,
+        save_splits,
+        splits_from_manifest,
+    )
+    from slidefm.eval.targets import (
+        aggregate_patients,
+        check_class_sizes,
+        encode_targets,
+        make_task,
+        prediction_frame,
+    )
     from slidefm.io.embeddings import read_embeddings
+    from slidefm.io.manifest import read_cohort_manifest, strip_labels
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ValueError(f"Unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
-    shots = [int(s) for s in args.shots.split(",")]
+    shots = [int(s) for s in args.shots.split(",")] if args.shots else list(FEW_SHOT_KS)
     df = strip_labels(read_cohort_manifest(args.manifest, args.slide_level_only), [args.label])
     task = make_task(df, [args.label])
     check_class_sizes(df, task)
@@ -180,7 +182,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from slidefm.cli import add_common
+    from slidefm.options import add_common
 
     p = sub.add_parser("probe", help="linear / kNN / few-shot probes on slide embeddings, with CIs")
     p.add_argument(
@@ -201,7 +203,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated seeds")
     p.add_argument("--splits", help="reuse a saved splits.csv (e.g. from `slidefm mil train`)")
     p.add_argument("--k", type=int, default=20, help="kNN neighbours")
-    p.add_argument("--shots", default=",".join(map(str, FEW_SHOT_KS)), help="few-shot k per class")
+    p.add_argument("--shots", help="few-shot k per class, comma-separated (default 1,2,4,8,16)")
     p.add_argument("--draws", type=int, default=50, help="few-shot draws per k, fold and seed")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for CIs")
     p.add_argument(

@@ -26,11 +26,9 @@ import argparse
 import json
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import pandas as pd
-import torch
 
 from slidefm.eval.retrieval import (
     BACKENDS,
@@ -48,12 +46,17 @@ from slidefm.pipelines.align_inputs import (
     run_kwargs,
 )
 
+if TYPE_CHECKING:
+    import pandas as pd
+
 log = logging.getLogger(__name__)
 
 TASKS = ("slide2report", "report2slide", "slide2slide")
 
 
 def _neighbours_frame(qids, ranked, scores, relevant) -> pd.DataFrame:
+    import pandas as pd
+
     rows = [
         {
             "query": q,
@@ -89,6 +92,9 @@ def run_retrieve(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Run the retrieval tasks and write the outputs; returns {task: metrics} + provenance."""
+    import pandas as pd
+    import torch
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, prov = load_model(checkpoint, device, seed)

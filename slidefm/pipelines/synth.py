@@ -13,9 +13,8 @@ import json
 import time
 from pathlib import Path
 
-from slidefm.cli import add_common
 from slidefm.config import load_config
-from slidefm.wsi.synthetic import CohortOptions, generate_cohort
+from slidefm.options import add_common
 
 # Explicit flag → CohortOptions field (flags left unset keep the config's value).
 FLAGS = {"cells": "cells", "cell_px": "cell_px", "pen_prob": "pen_prob", "quality": "jpeg_quality"}
@@ -46,6 +45,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slidefm.wsi.synthetic import CohortOptions, generate_cohort
+
     opts = load_config(CohortOptions, args.config, args.overrides, subdir="synth")
     explicit = {f: getattr(args, a) for a, f in FLAGS.items() if getattr(args, a) is not None}
     opts = dataclasses.replace(opts, **explicit)

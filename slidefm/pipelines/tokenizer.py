@@ -10,26 +10,32 @@ import argparse
 import json
 from pathlib import Path
 
-import pandas as pd
-
-from slidefm.encoders.text import ReportTokenizer, train_tokenizer
 from slidefm.io.atomic import atomic_path
 from slidefm.pipelines.embed import file_sha256
 
+# Report-text columns tried in order when none is named: ``text`` (generic report CSVs) and
+# ``report`` (cohort manifests and ``synth-cohort``'s reports.csv).
+TEXT_COLUMNS = ("text", "report")
 
-def read_report_texts(paths: list[str], text_column: str = "text") -> list[str]:
-    """Non-empty report texts of one or more CSV files (column ``text_column``)."""
+
+def read_report_texts(paths: list[str], text_column: str | None = None) -> list[str]:
+    """Non-empty report texts of one or more CSV files (column ``text_column``, or the first of
+    :data:`TEXT_COLUMNS` present)."""
+    import pandas as pd
+
     texts: list[str] = []
     for p in paths:
         if not Path(p).is_file():
             raise FileNotFoundError(f"report CSV {p} not found")
         df = pd.read_csv(p)
-        if text_column not in df:
+        wanted = [text_column] if text_column else list(TEXT_COLUMNS)
+        col = next((c for c in wanted if c in df), None)
+        if col is None:
             raise ValueError(
-                f"{p} has no column {text_column!r} (columns: {', '.join(df.columns)}); "
-                "pass --text-column"
+                f"{p} has no column {' or '.join(map(repr, wanted))} "
+                f"(columns: {', '.join(df.columns)}); pass --text-column"
             )
-        texts.extend(str(t) for t in df[text_column].dropna() if str(t).strip())
+        texts.extend(str(t) for t in df[col].dropna() if str(t).strip())
     if not texts:
         raise ValueError(f"no report text in {', '.join(paths)}")
     return texts
@@ -39,13 +45,15 @@ def run_train_tokenizer(
     reports: list[str],
     out: str | Path,
     vocab_size: int,
-    text_column: str = "text",
+    text_column: str | None = None,
     seed: int = 0,
     num_threads: int = 1,
     max_reports: int | None = None,
     lowercase: bool = True,
 ) -> dict:
     """Train, write ``out`` and its ``.json`` sidecar; returns the sidecar's content."""
+    from slidefm.encoders.text import ReportTokenizer, train_tokenizer
+
     texts = read_report_texts(reports, text_column)
     if max_reports:
         texts = texts[:max_reports]
@@ -60,7 +68,7 @@ def run_train_tokenizer(
         "seed": seed,
         "num_threads": num_threads,
         "num_reports": len(texts),
-        "text_column": text_column,
+        "text_column": text_column or f"first of {list(TEXT_COLUMNS)}",
         "reports": {str(p): file_sha256(p) for p in reports},
         "mean_pieces_per_report": round(
             sum(len(tok.pieces(t)) for t in texts[:500]) / min(len(texts), 500), 1
@@ -74,7 +82,11 @@ def run_train_tokenizer(
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-tokenizer", help="train a SentencePiece tokenizer on report text")
     p.add_argument("--reports", required=True, nargs="+", help="CSV file(s) with report text")
-    p.add_argument("--text-column", default="text", help="column holding the report (text)")
+    p.add_argument(
+        "--text-column",
+        default=None,
+        help=f"column holding the report (default: the first of {', '.join(TEXT_COLUMNS)})",
+    )
     p.add_argument("--vocab-size", type=int, default=8000, help="vocabulary size (8000)")
     p.add_argument("--out", required=True, help="output .model file (a .json sidecar is added)")
     p.add_argument("--num-threads", type=int, default=1, help="SentencePiece threads (1)")

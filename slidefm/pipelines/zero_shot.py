@@ -15,11 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
-from slidefm.eval.zero_shot import format_metrics, load_prompts, write_zero_shot_outputs
-from slidefm.io.bags import list_feature_files
-from slidefm.io.embeddings import read_embeddings
 from slidefm.pipelines.align import slide_embeddings
 from slidefm.pipelines.align_inputs import (
     add_input_args,
@@ -44,6 +40,9 @@ def select_slides(
 ) -> tuple[list[str], list[Any] | None, list[str] | None]:
     """(slide ids, labels or None, case ids or None) from the manifest (rows of ``split``)
     or, without one, every slide of the features folder / embedding file."""
+    from slidefm.io.bags import list_feature_files
+    from slidefm.io.embeddings import read_embeddings
+
     if manifest:
         df = manifest_rows(manifest, split, label_column)
         labels = df[label_column].tolist() if label_column else None
@@ -68,6 +67,10 @@ def run_zero_shot(
     device: str = "auto",
 ) -> dict[str, Any]:
     """Score the slides, write the outputs; returns {metrics, probs, slide_ids, classes}."""
+    import torch
+
+    from slidefm.eval.zero_shot import load_prompts, write_zero_shot_outputs
+
     model, prov = load_model(checkpoint, device, seed)
     ps = load_prompts(prompts)
     ids, labels, cases = select_slides(manifest, features, embeddings, split, label_column)
@@ -96,6 +99,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slidefm.eval.zero_shot import format_metrics
+
     res = run_zero_shot(
         args.checkpoint,
         args.prompts,

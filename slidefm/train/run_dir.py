@@ -122,15 +122,6 @@ def check_train_section(train: dict[str, Any]) -> None:
     from_dict(TrainConfig, train)
 
 
-def add_overwrite(p: Any) -> None:
-    """The ``--overwrite`` option of commands whose --out holds one run."""
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="discard another run found in --out (other inputs/seed/config) instead of refusing",
-    )
-
-
 def write_json(path: Path, obj: dict[str, Any]) -> None:
     """Atomic JSON write (non-JSON values such as paths become strings)."""
     with atomic_path(path) as tmp:
