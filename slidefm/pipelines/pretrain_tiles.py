@@ -291,7 +291,7 @@ def run_pretrain_tiles(
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from slidefm.cli import add_common
+    from slidefm.options import add_common, add_overwrite
 
     p = sub.add_parser(
         "pretrain-tiles", help="DINOv2-style SSL of a tile encoder from WSIs (online patching)"
@@ -303,8 +303,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--weights", default="random", help="random | hub | PATH (start point)")
     p.add_argument("--out", required=True, help="output folder (re-run the command to resume)")
     add_common(p, "pretrain_tiles")
-    from slidefm.train.run_dir import add_overwrite
-
     add_overwrite(p)
     p.set_defaults(func=run)
 
