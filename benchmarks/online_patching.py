@@ -28,7 +28,7 @@ from slidefm.encoders.registry import build_model, get_spec
 from slidefm.encoders.ssl import DINOModel, SSLConfig
 from slidefm.encoders.ssl_augment import MultiCrop, MultiCropConfig
 from slidefm.pipelines.encode import SlideJob
-from slidefm.pipelines.pretrain_tiles import _tuples, load_run_config
+from slidefm.pipelines.tile_ssl import _tuples, load_run_config
 from slidefm.runtime import pick_device
 from slidefm.train.data import make_loader
 from slidefm.wsi.online import OnlinePatchConfig, OnlinePatchDataset, prepare_slides

@@ -31,8 +31,8 @@ import pandas as pd
 
 from slidefm.io.manifest import read_manifest
 from slidefm.pipelines.encode import EncodeConfig, SlideJob, run_encode
-from slidefm.pipelines.pretrain_tiles import WEIGHTS_FILE
-from slidefm.pipelines.probe_tiles import run_probe_tiles
+from slidefm.pipelines.tile_probes import run_probe_tiles
+from slidefm.pipelines.tile_ssl import WEIGHTS_FILE
 from slidefm.wsi.synthetic import generate_cohort
 
 ENCODER = "vit_tiny_dev"
