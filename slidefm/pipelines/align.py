@@ -11,7 +11,9 @@ Splits are patient-level (the manifest reader refuses a case in two splits): tra
 Outputs in ``--out``: ``checkpoints/`` (exact resume: re-run the same command), ``metrics.csv``
 and ``loss_curve.png`` (train loss, val loss, val slide→report Recall@K), ``run_config.json``,
 and the final self-contained ``align.pt`` (``SlideTextModel.save_checkpoint``) for
-``slidefm zero-shot`` / ``slidefm retrieve``.
+``slidefm zero-shot`` / ``slidefm retrieve``. With ``train.select_metric`` (the configs use
+``val_loss``) ``align.pt`` holds the weights of the evaluation step with the best value, not
+the last step's; ``run_config.json`` and the checkpoint record which step (``selected``).
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ import torch
 
 from slidefm.config import apply_overrides, config_hash, from_dict, load_yaml, resolve_config_path
 from slidefm.encoders.text import ReportTokenizer, TextTowerConfig, train_tokenizer
+from slidefm.eval.ood import DomainReference
 from slidefm.eval.retrieval import build_index, per_query_metrics
 from slidefm.io.bags import FeatureBagDataset
 from slidefm.io.embeddings import read_embeddings
 from slidefm.io.manifest import read_manifest
 from slidefm.io.pairs import SlideReportPairs, collate_pairs
+from slidefm.io.provenance import random_weight_notes, tile_encoder_info
 from slidefm.models.clip import AlignModelConfig, SlideTextModel, clip_loss
 from slidefm.pipelines.embed import embed_dataset, file_sha256
 from slidefm.runtime import dist_info, pick_device, seed_everything
@@ -191,6 +195,39 @@ def val_metrics(
     return out
 
 
+@torch.no_grad()
+def domain_reference(
+    model: SlideTextModel,
+    train_emb: np.ndarray | None,
+    train_ids: list[str],
+    val_ids: list[str],
+    features: str | Path | None,
+    embeddings: str | Path | None,
+    max_tiles: int | None,
+    seed: int,
+    max_reference: int = 2048,
+) -> DomainReference:
+    """The trained model's out-of-domain reference (``slidefm.eval.ood``): aligned embeddings
+    of the training slides, calibrated on the validation slides."""
+    model.eval()
+    src = {"features": features, "embeddings": embeddings}
+    if train_emb is None:  # the slide encoder trained: embed with its final weights
+        ids = train_ids
+        if len(ids) > max_reference:
+            pick = np.random.default_rng(seed).choice(len(ids), max_reference, replace=False)
+            ids = [ids[i] for i in np.sort(pick)]
+        train_emb = slide_embeddings(model, ids, max_tiles=max_tiles, seed=seed, **src)
+    dev = model.logit_scale.device
+
+    def joint(e: np.ndarray) -> np.ndarray:
+        return model.encode_slide(embeddings=torch.from_numpy(e).to(dev)).cpu().numpy()
+
+    held = None
+    if val_ids:
+        held = joint(slide_embeddings(model, val_ids, max_tiles=max_tiles, seed=seed, **src))
+    return DomainReference.build(joint(train_emb), held, max_reference=max_reference, seed=seed)
+
+
 # -- run -----------------------------------------------------------------------------------
 def run_align(
     config: str | None,
@@ -279,6 +316,14 @@ def run_align(
             log.warning("RANDOM WEIGHTS: %s comes from an untrained slide encoder", embeddings)
     else:
         slide_dim = int(enc.embed_dim)
+    if features is not None:
+        first_file = FeatureBagDataset(features, slide_ids=train_df["slide_id"].astype(str)[:1])
+        tile_info = tile_encoder_info(first_file.paths[0])
+    else:
+        tile_info = {
+            "tile_encoder": str(emb_attrs.get("tile_encoder", "unknown")),
+            "tile_encoder_weights": str(emb_attrs.get("tile_encoder_weights", "unknown")),
+        }
     run_hash = config_hash({**cfgd, "tokenizer_sha256": tok_info["tokenizer_sha256"]})
     info: dict[str, Any] = {
         "config": cfgd,
@@ -292,7 +337,10 @@ def run_align(
         "num_val_cases": len(val_cases),
         **tok_info,
         **enc_info,
+        **tile_info,
     }
+    for note in random_weight_notes(info):
+        log.warning("RANDOM WEIGHTS: %s", note)
     check_out_dir(out, run_hash)
     model = SlideTextModel(mcfg, slide_dim, tok_path, slide_encoder=enc)
     model.to(pick_device(tcfg.device) if world == 1 else torch.device("cpu"))
@@ -305,6 +353,7 @@ def run_align(
     use_bags = features is not None and not (
         mcfg.slide_trainable == "frozen" and data.precompute_frozen
     )
+    train_emb = None
     if use_bags:
         pairs_kw: dict[str, Any] = {"bags": training_bags(features, train_ids, data, seed)}
     else:
@@ -353,9 +402,30 @@ def run_align(
             z = val_emb_cache["z"]
         return val_metrics(m, z, val_reports)
 
-    finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step)
+    title = f"slidefm align ({config}, seed {seed}): {out.name}"
+    finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step, title=title)
     if rank == 0 and finished:
-        extra = {**enc_info, **tok_info, "align_config": cfgd}
+        ref = domain_reference(
+            model,
+            train_emb if not use_bags else None,
+            train_ids,
+            val_ids,
+            features,
+            embeddings,
+            data.eval_max_tiles,
+            seed,
+        )
+        # The patients this model has seen (trained on, or selected its step on): zero-shot
+        # and retrieve warn when they score them.
+        seen = {
+            "train_case_ids": train_cases,
+            "val_case_ids": val_cases,
+            "train_slide_ids": train_ids,
+            "val_slide_ids": val_ids,
+        }
+        extra = {**enc_info, **tok_info, **tile_info, **seen, "align_config": cfgd}
+        extra["domain_reference"] = ref.to_dict()
+        info["domain_reference_calibrated_on"] = ref.calibrated_on
         save_final(out, info, model.save_checkpoint, "align.pt", "checkpoint", extra)
     return info
 
@@ -399,11 +469,25 @@ def run(args: argparse.Namespace) -> int:
         return 0
     final = info.get("final", {})
     rnd = " (RANDOM slide encoder)" if info.get("slide_encoder_weights") == "random" else ""
+    sel = info.get("selected")
+    kept = final
+    if sel and sel.get("restored"):
+        kept = info.get("selected_metrics", final)
+        chosen = (
+            f"kept step {sel['step']} of {info['steps']} (best {sel['metric']} "
+            f"{sel['value']:.4g}; last step's {final.get('val_loss', float('nan')):.4g})"
+        )
+    elif sel:
+        chosen = f"kept the last step {info['steps']} ({sel['metric']} was never evaluated)"
+    else:
+        chosen = f"kept the last step {info['steps']}"
     print(
-        f"aligned {info['steps']} steps on {info['num_train_cases']} training patients{rnd}: "
-        f"loss {final.get('loss', float('nan')):.4g}, val loss "
-        f"{final.get('val_loss', float('nan')):.4g}, val slide→report R@5 "
-        f"{final.get('val_s2r_recall@5', float('nan')):.3f}; "
+        f"aligned {info['steps']} steps on {info['num_train_cases']} training patients{rnd}; "
+        f"{chosen}: loss {kept.get('loss', float('nan')):.4g}, val loss "
+        f"{kept.get('val_loss', float('nan')):.4g}, val slide→report R@5 "
+        f"{kept.get('val_s2r_recall@5', float('nan')):.3f}; "
         f"checkpoint: {info.get('checkpoint', 'not yet (stopped)')}"
     )
+    for note in random_weight_notes(info):
+        print(f"NOTE: {note}")
     return 0

@@ -22,6 +22,7 @@ from slidefm.config import config_hash
 from slidefm.io.bags import FeatureBagDataset
 from slidefm.io.embeddings import write_embeddings
 from slidefm.io.manifest import read_manifest
+from slidefm.io.provenance import is_random, random_weight_notes, tile_encoder_info
 from slidefm.runtime import autocast, pick_device, seed_everything
 
 log = logging.getLogger(__name__)
@@ -116,20 +117,23 @@ def run_embed(
             f"features are {ds.slide(0).features.shape[1]}-d but the encoder expects "
             f"{enc.config.input_dim}-d inputs; use an encoder trained on these tile features"
         )
-    if prov["weights"] == "random":
-        log.warning("RANDOM WEIGHTS: these slide embeddings come from an untrained encoder")
+    tile_info = tile_encoder_info(ds.paths[0])
+    info = {**tile_info, "slide_encoder_weights": "random" if is_random(prov["weights"]) else ""}
+    for note in random_weight_notes(info):
+        log.warning("RANDOM WEIGHTS: %s", note)
     ids, emb = embed_dataset(enc, ds, dev, precision, progress=progress)
     attrs = {
         **prov,
         "seed": seed,
         "features_dir": str(Path(features).resolve()),
-        "tile_encoder": str(ds.slide(0).attrs.get("encoder", "unknown")),
+        **tile_info,  # tile_encoder, tile_encoder_weights ("random" or name@sha256:…)
         "max_tiles": max_tiles if max_tiles else 0,
         "embed_dim": int(emb.shape[1]),
     }
     path = write_embeddings(out, ids, emb, attrs)
-    note = " (RANDOM WEIGHTS, not pretrained)" if prov["weights"] == "random" else ""
-    print(f"wrote {len(ids)} slide embeddings ({emb.shape[1]}-d) to {path}{note}")
+    print(f"wrote {len(ids)} slide embeddings ({emb.shape[1]}-d) to {path}")
+    for note in random_weight_notes(info):
+        print(f"NOTE: {note}")
     return path
 
 

@@ -20,6 +20,7 @@ from slidefm.config import apply_overrides, config_hash, from_dict, load_yaml, r
 from slidefm.eval.rankme import rankme
 from slidefm.io.bags import FeatureBagDataset, collate_bags, list_feature_files
 from slidefm.io.manifest import read_manifest
+from slidefm.io.provenance import random_weight_notes, tile_encoder_info
 from slidefm.models.pretrain import MaskedFeatureModel, PretrainConfig, feature_stats
 from slidefm.pipelines.embed import embed_dataset
 from slidefm.runtime import dist_info, seed_everything
@@ -133,7 +134,11 @@ def run_pretrain(
         "num_train_slides": len(train_ids),
         "holdout_slides": hold_ids,
         "rankme_on": "holdout" if hold_ids else "train (too few slides for a holdout)",
+        **tile_encoder_info(ds.paths[0]),
+        "slide_encoder_weights": "pretrained (this run)",
     }
+    for note in random_weight_notes(info):
+        log.warning("RANDOM WEIGHTS: %s", note)
     check_out_dir(out, run_hash)
     seed_everything(seed)
     encoder = SlideEncoder.from_config(cfgd["encoder"], **enc_kw)
@@ -167,9 +172,10 @@ def run_pretrain(
         _, z = embed_dataset(m.encoder, eval_ds)
         return {"rankme": rankme(z), "embedding_std": float(z.std(axis=0).mean())}
 
-    finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step)
+    title = f"slidefm pretrain ({config}, seed {seed}): {out.name}"
+    finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step, title=title)
     if rank == 0 and finished:
-        extra = {"pretrain_config": cfgd}
+        extra = {"pretrain_config": cfgd, **tile_encoder_info(ds.paths[0])}
         save_final(out, info, encoder.save_checkpoint, "encoder.pt", "encoder_checkpoint", extra)
     return info
 
@@ -208,4 +214,6 @@ def run(args: argparse.Namespace) -> int:
         f"loss {final.get('loss', float('nan')):.4g}, RankMe {final.get('rankme', float('nan')):.3g}"
         f" ({info['rankme_on']}); encoder: {info.get('encoder_checkpoint', 'not yet (stopped)')}"
     )
+    for note in random_weight_notes(info):
+        print(f"NOTE: {note}")
     return 0
