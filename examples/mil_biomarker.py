@@ -142,7 +142,18 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--out", type=Path, default=REPO / "outputs" / "mil_biomarker")
-    ap.add_argument("--n-slides", type=int, default=120)
+    ap.add_argument(
+        "--n-slides",
+        type=int,
+        default=300,
+        help="synthetic cohort size (300: the bag biomarker is learnt clearly; 120 is not enough)",
+    )
+    ap.add_argument(
+        "--cells",
+        type=int,
+        default=10,
+        help="synthetic slide side in 256-px tiles (10, as examples/vl_workflow.py: same cohort)",
+    )
     ap.add_argument("--folds", type=int, default=5)
     ap.add_argument("--seeds", default="0")
     ap.add_argument("--epochs", type=int, default=20)
@@ -166,7 +177,15 @@ def main() -> int:
         default=0,
         help="skip slides: a feature-level toy cohort of N patients (also used when synth-cohort is missing)",
     )
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke test of every step in ~1 min (toy cohort of 40 patients, 3 folds, 3 epochs)",
+    )
     a = ap.parse_args()
+    if a.quick:
+        a.toy, a.folds, a.epochs = a.toy or 40, 3, 3
+        print("--quick: toy cohort, 3 folds, 3 epochs (smoke test: numbers mean nothing)")
     t0 = time.time()
     missing = [c for c in ("synth-cohort", "encode-slides") if not has_command(c)]
     cohort_kind = (
@@ -191,6 +210,8 @@ def main() -> int:
                     str(cohort),
                     "--n-slides",
                     str(a.n_slides),
+                    "--cells",
+                    str(a.cells),
                     "--seed",
                     "0",
                     "--no-progress",

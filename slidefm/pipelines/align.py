@@ -60,6 +60,10 @@ RANDOM_PREFIX = "random:"
 class AlignDataConfig:
     batch_size: int = 32  # patients (pairs) per micro-batch per rank; negatives = the others
     text_column: str = "report"
+    # Optional manifest column (e.g. a diagnosis) of the validation patients: adds
+    # val_same_label_mass, a validation metric that tracks zero-shot classification (see
+    # val_metrics) and can select the kept step (train.select_metric).
+    val_label_column: str = ""
     max_tiles: int | None = 1024  # random tile subset per slide when the encoder trains
     crop: Any = None  # window side(s) in grid cells when the encoder trains; null = whole slide
     augment: bool = True  # rotations/flips/feature dropout when the encoder trains
@@ -181,13 +185,30 @@ def slide_embeddings(
 # -- evaluation during training ------------------------------------------------------------
 @torch.no_grad()
 def val_metrics(
-    model: SlideTextModel, slide_emb: np.ndarray, reports: list[str], ks=(1, 5)
+    model: SlideTextModel,
+    slide_emb: np.ndarray,
+    reports: list[str],
+    ks=(1, 5),
+    labels: list[str] | None = None,
 ) -> dict[str, float]:
-    """Contrastive loss and slide→report Recall@K over the validation patients (one batch)."""
+    """Contrastive loss and slide→report Recall@K over the validation patients (one batch).
+
+    With ``labels`` (one per patient), also ``val_same_label_mass``: the mean over slides of
+    the softmax probability the model puts on reports *of the same label* (chance = the
+    label's share of the patients). The exact-report loss cannot tell a model that confuses
+    two same-diagnosis reports from one that confuses diagnoses: on small cohorts it climbs
+    while the diagnosis signal that zero-shot uses still improves (measured: selecting by
+    val_loss kept step 10 of 300 and halved zero-shot balanced accuracy).
+    """
     dev = model.logit_scale.device
     zs = model.encode_slide(embeddings=torch.from_numpy(slide_emb).to(dev))
     zt = model.embed_texts(reports)
     out = {"val_loss": float(clip_loss(zs, zt, model.scale, world_size=1, rank=0))}
+    if labels is not None:
+        p = (model.scale * zs @ zt.T).softmax(dim=1).cpu().numpy()
+        lab = np.asarray(labels, dtype=object)
+        same = lab[:, None] == lab[None, :]
+        out["val_same_label_mass"] = float((p * same).sum(axis=1).mean())
     ids = [str(i) for i in range(len(reports))]
     ranked, _ = build_index("exact", zt.cpu().numpy(), ids).search(zs.cpu().numpy(), max(ks))
     per = per_query_metrics(ranked, [{i} for i in ids], ks)
@@ -263,6 +284,13 @@ def run_align(
     train_reports = [first_report(train_df, r, data.text_column) for r in train_rows]
     val_cases, val_rows = case_reports(val_df, data.text_column) if len(val_df) else ([], [])
     val_reports = [first_report(val_df, r, data.text_column) for r in val_rows]
+    val_labels = None
+    if data.val_label_column:
+        if data.val_label_column not in val_df:
+            raise ValueError(
+                f"manifest has no column {data.val_label_column!r} (data.val_label_column)"
+            )
+        val_labels = [str(val_df[data.val_label_column].iloc[r[0]]) for r in val_rows]
 
     rank, world = dist_info()
     out.mkdir(parents=True, exist_ok=True)
@@ -400,7 +428,7 @@ def run_align(
                 val_emb_cache["z"] = z
         else:
             z = val_emb_cache["z"]
-        return val_metrics(m, z, val_reports)
+        return val_metrics(m, z, val_reports, labels=val_labels)
 
     title = f"slidefm align ({config}, seed {seed}): {out.name}"
     finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step, title=title)
@@ -475,7 +503,7 @@ def run(args: argparse.Namespace) -> int:
         kept = info.get("selected_metrics", final)
         chosen = (
             f"kept step {sel['step']} of {info['steps']} (best {sel['metric']} "
-            f"{sel['value']:.4g}; last step's {final.get('val_loss', float('nan')):.4g})"
+            f"{sel['value']:.4g}; last step's {final.get(sel['metric'], float('nan')):.4g})"
         )
     elif sel:
         chosen = f"kept the last step {info['steps']} ({sel['metric']} was never evaluated)"

@@ -423,6 +423,7 @@ class Trainer:
             self.out_dir / "loss_curve.png",
             title=self.title,
             selected_step=sel,
+            selected_by=self.cfg.select_metric,
             note=self.note,
         )
 
@@ -560,6 +561,7 @@ def plot_loss_curve(
     title: str = "",
     selected_step: int | None = None,
     note: str = "",
+    selected_by: str = "",
 ) -> Path:
     """PNG: losses (training solid, evaluations dashed with markers), other evaluation metrics
     (e.g. validation Recall@K, RankMe) and the learning rate against optimizer step; a dotted
@@ -621,7 +623,8 @@ def plot_loss_curve(
     if selected_step is not None:
         for a in axes:
             a.axvline(selected_step, color="k", ls=":", lw=1.2)
-        ax.plot([], [], color="k", ls=":", label=f"kept weights: step {selected_step}")
+        why = f" (best {selected_by.replace('_', ' ')})" if selected_by else ""
+        ax.plot([], [], color="k", ls=":", label=f"kept weights: step {selected_step}{why}")
         ax.legend(fontsize=8)
     fig.suptitle(title or "training curves", fontsize=10)
     fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
