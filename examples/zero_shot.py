@@ -25,6 +25,19 @@ import pandas as pd  # noqa: E402
 import vl_workflow  # noqa: E402
 
 PROMPTS = "synthetic_subtypes"
+# Balanced accuracy (95% CI) measured with the default options (--n-slides 300 --cells 10
+# --seed 0), 2-core CPU; printed next to a run with the same options.
+EXPECTED = {
+    (300, 10, 0): {"pretrained": "TBD", "random_encoder": "TBD"},
+}
+
+
+def expected_line(a, run: str) -> str:
+    """``expected …`` for runs whose options have a reference measurement, else ""."""
+    ref = EXPECTED.get((a.n_slides, a.cells, a.seed), {}).get(run)
+    if a.quick or not ref:
+        return ""
+    return f"  expected at these options (measured, 2-core CPU): balanced_accuracy {ref}"
 
 
 def summary_png(results: dict[str, dict], path: Path) -> None:
@@ -81,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         cases = pd.read_csv(paths["manifest"]).query("split == 'test'").case_id.nunique()
         print(f"\nzero-shot, slide encoder {run} ({n} test slides, {cases} patients):")
         print("  " + format_metrics(res["metrics"]))
+        if line := expected_line(a, run):
+            print(line)
         report[run] = {k: v for k, v in res["metrics"].items()}
     summary_png(results, out / "summary.png")
 

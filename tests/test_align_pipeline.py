@@ -85,7 +85,8 @@ def aligned(cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("align")
     args = ["align", "--config", "tiny", "--embeddings", str(h5), "--manifest", str(manifest)]
     sets = ["train.max_steps=80", "train.progress=false", "data.batch_size=16",
-            "train.eval_every=40", "train.ckpt_every=40", "model.embed_dim=32",
+            "train.eval_every=20", "train.ckpt_every=40", "model.embed_dim=32",
+            "data.val_label_column=subtype",
             "model.text.width=32", "model.text.heads=2", "model.text.output_dim=32",
             "model.text.context_length=48"]  # fmt: skip
     rc = main(args + ["--out", str(out), "--seed", "1"] + set_args(sets))
@@ -184,13 +185,16 @@ def test_clear_errors(cohort, tmp_path):
 
 
 def test_align_keeps_the_best_validation_step(aligned):
-    """align.pt holds the evaluation step with the lowest val_loss in metrics.csv (not
-    necessarily the last), and says so in run_config.json and the checkpoint."""
+    """align.pt holds the evaluation step with the highest val_same_label_mass in metrics.csv
+    (the tiny config's select_metric; not necessarily the last step), and says so in
+    run_config.json and the checkpoint."""
     info = json.loads((aligned / "run_config.json").read_text())
-    rows = pd.read_csv(aligned / "metrics.csv").dropna(subset=["val_loss"])
-    best = int(rows.loc[rows["val_loss"].idxmin(), "step"])
-    assert info["selected"]["step"] == best and info["selected"]["metric"] == "val_loss"
-    assert info["selected"]["value"] == pytest.approx(rows["val_loss"].min())
+    rows = pd.read_csv(aligned / "metrics.csv").dropna(subset=["val_same_label_mass"])
+    assert len(rows) == 4  # evaluations at steps 20, 40, 60, 80
+    best = int(rows.loc[rows["val_same_label_mass"].idxmax(), "step"])
+    sel = info["selected"]
+    assert sel["step"] == best and sel["metric"] == "val_same_label_mass" and sel["restored"]
+    assert sel["value"] == pytest.approx(rows["val_same_label_mass"].max())
     extra = SlideTextModel.from_checkpoint(aligned / "align.pt").checkpoint_extra
     assert extra["selected"]["step"] == best
     assert set(extra["train_case_ids"]) == set(
@@ -274,3 +278,35 @@ def test_retrieve_without_split_scores_held_out_patients_and_skips_empty_tasks(
         "recall@5" not in m["slide2report"]
         and "recall@5" in m["slide2report"]["omitted"]["metrics"]
     )
+
+
+def test_val_same_label_mass_formula():
+    """Mean over slides of the softmax mass on same-label reports, against a hand loop."""
+    from slidefm.pipelines.align import val_metrics
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(5, 3)).astype(np.float32)
+    rep = rng.normal(size=(5, 3)).astype(np.float32)
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logit_scale = torch.nn.Parameter(torch.tensor(0.0))
+            self.scale = torch.tensor(2.0)
+
+        def encode_slide(self, embeddings):
+            return torch.nn.functional.normalize(embeddings.float(), dim=-1)
+
+        def embed_texts(self, reports):
+            return torch.nn.functional.normalize(torch.tensor(rep[: len(reports)]), dim=-1)
+
+    labels = ["a", "b", "a", "c", "b"]
+    got = val_metrics(Stub(), z, ["r"] * 5, ks=(1,), labels=labels)["val_same_label_mass"]
+    zs = z / np.linalg.norm(z, axis=1, keepdims=True)
+    zt = rep / np.linalg.norm(rep, axis=1, keepdims=True)
+    want = []
+    for i in range(5):
+        e = np.exp(2.0 * zs[i] @ zt.T)
+        p = e / e.sum()
+        want.append(sum(p[j] for j in range(5) if labels[j] == labels[i]))
+    assert got == pytest.approx(np.mean(want), rel=1e-5)
