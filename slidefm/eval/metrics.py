@@ -240,10 +240,10 @@ def classification_report(
 
 
 def _note(fig, note: str) -> None:
-    """Red caption under the axes (``bbox_inches="tight"`` keeps it in the file)."""
+    """Red caption above the title, clear of the tick labels (``bbox_inches="tight"`` keeps
+    it in the file)."""
     if note:
-        fig.text(0.5, -0.02, note, ha="center", va="top", fontsize=6.5, color="tab:red",
-                 wrap=True)  # fmt: skip
+        fig.text(0.5, 1.0, note, ha="center", va="bottom", fontsize=6.5, color="tab:red")
 
 
 def _save_fig(fig, path: str | Path) -> Path:
