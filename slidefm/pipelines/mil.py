@@ -611,12 +611,15 @@ def run_cv(
             model, BagDataset(bags, idx["test"], y), cfg.eval_batch_size, device, task.multilabel
         )
         preds = prediction_frame(df.iloc[idx["test"]], y[idx["test"]], task, seed, fold, prob)
+        seen = np.concatenate([idx["train"], idx["val"]])  # fitted on, or early-stopped on
         meta.update(
             seed=int(seed),
             fold=int(fold),
             config=dataclasses.asdict(cfg),
             config_hash=chash,
             features=bags.attrs,
+            train_slide_ids=df["slide_id"].astype(str).iloc[seen].tolist(),
+            train_case_ids=sorted(set(df["case_id"].astype(str).iloc[seen])),
         )
         save_mil_checkpoint(fold_dir / "model.pt", model, meta)
         write_json(meta, fold_dir / "meta.json")
@@ -734,6 +737,7 @@ def run_predict(args: argparse.Namespace) -> int:
     check_encoder_matches(paths[0], bags.attrs, models[0][1].get("features", {}), files[0])
     has_label = all(c in df for c in task.labels)
     y = encode_targets(df, task) if has_label else np.zeros(len(df), dtype=np.int64)
+    seen = seen_in_training(df, [m for _, m in models])
     device = pick_device(args.device)
     ds = BagDataset(bags, np.arange(len(df)), y)
     prob = np.mean(
@@ -746,28 +750,63 @@ def run_predict(args: argparse.Namespace) -> int:
         parts.append(target_frame(y, task))
     parts.append(pd.DataFrame(prob, columns=task.prob_columns))
     preds = pd.concat(parts, axis=1)
+    preds["seen_in_training"] = seen
     if not task.multilabel:
         preds["pred"] = [task.classes[i] for i in prob.argmax(1)]
     if args.patient_level:
         preds = aggregate_patients(
-            preds.assign(seed=0, fold=0).drop(columns=["pred"], errors="ignore"), task
+            preds.assign(seed=0, fold=0).drop(columns=["pred", "seen_in_training"]), task
         ).drop(columns=["seed", "fold"])
+        preds["seen_in_training"] = preds["case_id"].isin(set(df["case_id"].astype(str)[seen]))
     out = Path(args.out)
     write_csv(preds, out)
     print(f"{len(preds)} prediction(s) from {len(models)} model(s) → {out}")
-    if has_label and len(np.unique(y if y.ndim == 1 else y[:, 0])) > 1:
-        res = evaluate_predictions(preds.assign(seed=0, fold=0), task, n_boot=1000, seed=args.seed)
+    scored = preds
+    if preds["seen_in_training"].any():
+        n_seen, n = int(preds["seen_in_training"].sum()), len(preds)
+        if args.include_seen:
+            print(f"WARNING: {n_seen} of {n} rows were in these models' training/validation data "
+                  "and are scored (--include-seen): the metrics overestimate performance")  # fmt: skip
+        else:
+            scored = preds[~preds["seen_in_training"]]
+            print(f"WARNING: {n_seen} of {n} rows were in these models' training/validation data "
+                  f"(seen_in_training in the CSV): metrics cover the {len(scored)} held-out rows "
+                  "only (--include-seen scores all)")  # fmt: skip
+    y_s = scored[task.target_columns].to_numpy() if has_label else np.zeros((0, 1))
+    if has_label and len(np.unique(y_s[:, 0])) > 1:
+        res = evaluate_predictions(
+            scored.drop(columns=["seen_in_training"]).assign(seed=0, fold=0),
+            task,
+            n_boot=1000,
+            seed=args.seed,
+        )
         write_json(
             {
                 "command": "mil predict",
                 "checkpoints": [str(f) for f in files],
                 "seed": args.seed,
+                "scored_rows": len(scored),
+                "seen_rows_scored": int(scored["seen_in_training"].sum()),
                 **res,
             },
             out.with_suffix(".metrics.json"),
         )
         print(format_summary(res))
+    elif has_label:
+        print("no metrics: the held-out rows do not have both classes")
     return 0
+
+
+def seen_in_training(df: pd.DataFrame, metas: list[dict[str, Any]]) -> np.ndarray:
+    """[N] bool: rows whose slide or patient any of the models trained (or early-stopped) on;
+    checkpoints written before this was recorded know none."""
+    import pandas as pd
+
+    slides = {s for m in metas for s in m.get("train_slide_ids", [])}
+    cases = {c for m in metas for c in m.get("train_case_ids", [])}
+    ids = df["slide_id"].astype(str)
+    case = df["case_id"].astype(str) if "case_id" in df else pd.Series([None] * len(df))
+    return (ids.isin(slides) | case.isin(cases)).to_numpy()
 
 
 # What ``mil train`` writes into --out (discarded by --overwrite).
@@ -905,6 +944,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--features", required=True)
     q.add_argument("--out", required=True, help="predictions CSV")
     q.add_argument("--patient-level", action="store_true")
+    q.add_argument(
+        "--include-seen",
+        action="store_true",
+        help="score rows the models trained on too (left out of the metrics by default)",
+    )
     q.add_argument("--device", default="auto")
     q.add_argument("--no-progress", action="store_true")
     add_common(q)
