@@ -301,3 +301,18 @@ def write_survival_report(
             time_label=time_label,
         )
     return paths
+
+
+def survival_val_score(
+    objective: Any, logits: np.ndarray, y_val: np.ndarray, val_metric: str = "loss"
+) -> tuple[float, dict[str, float]]:
+    """Early-stopping score of validation ``logits`` (N, K) against (N, 3) targets → (score to
+    maximise, metrics): −loss, or the C-index for ``val_metric`` c_index (or auroc)."""
+    import torch
+
+    loss = float(objective(torch.as_tensor(logits), torch.as_tensor(y_val)).item())
+    c = concordance_index(y_val[:, 0], y_val[:, 1], objective.risk(logits))
+    metrics = {"val_loss": loss, "val_c_index": c}
+    if val_metric == "loss":
+        return -loss, metrics
+    return (c if np.isfinite(c) else -np.inf), metrics

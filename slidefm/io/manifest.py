@@ -118,9 +118,7 @@ def check_survival(df: pd.DataFrame, time_col: str, event_col: str) -> tuple:
 
     for c, what in ((time_col, "--time"), (event_col, "--event")):
         if c not in df:
-            raise ManifestError(
-                f"Manifest has no {what} column {c!r}; columns: {list(df.columns)}"
-            )
+            raise ManifestError(f"Manifest has no {what} column {c!r}; columns: {list(df.columns)}")
     time = pd.to_numeric(df[time_col], errors="coerce")
     missing = time.isna() | ~np.isfinite(time.fillna(0.0))
     if missing.any():

@@ -55,10 +55,9 @@ def plant_survival(
     """
     if median_months <= 0:
         raise ValueError(f"survival median_months must be > 0, got {median_months}")
-    eta = (
-        hazard_spatial * cases["biomarker_spatial"].to_numpy(np.float64)
-        + hazard_necrosis * cases["necrosis_pct"].to_numpy(np.float64)
-    )
+    eta = hazard_spatial * cases["biomarker_spatial"].to_numpy(
+        np.float64
+    ) + hazard_necrosis * cases["necrosis_pct"].to_numpy(np.float64)
     lam0 = np.log(2.0) / median_months
     lam = lam0 * np.exp(eta)
     mu = censoring_rate_for(lam, censoring)
