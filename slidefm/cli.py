@@ -24,6 +24,7 @@ PIPELINES = [
     "zero_shot",
     "retrieve",
     "synth",
+    "view",
 ]
 
 

@@ -39,7 +39,7 @@ from slidefm.wsi.qc import save_qc
 from slidefm.wsi.reader import SLIDE_EXTENSIONS, SlideReader, SlideReadError, slide_id_from_path
 from slidefm.wsi.stain import macenko_normalize
 from slidefm.wsi.tiling import EmptyTissueError, make_tile_grid
-from slidefm.wsi.tissue import TissueConfig, tissue_mask
+from slidefm.wsi.tissue import TissueConfig, slide_tissue_mask
 
 log = logging.getLogger(__name__)
 QC_MIN_SIZE = 1024  # px, longer side of the QC image
@@ -174,12 +174,7 @@ def encode_slide(
                 f"{job.path}: level-0 resolution {level0_mpp:.4g} µm/px is coarser than target {cfg.target_mpp} µm/px; "
                 "tiles would be upsampled. Use a larger --target-mpp, or --mpp if the metadata is wrong."
             )
-        tcfg = cfg.tissue_config()
-        full_mpp_side = max(info.width, info.height) * level0_mpp
-        thumb, scale = reader.thumbnail(
-            max(64, min(tcfg.thumb_max_size, round(full_mpp_side / tcfg.thumb_mpp)))
-        )
-        mask = tissue_mask(thumb, scale * level0_mpp, tcfg)
+        thumb, mask, scale = slide_tissue_mask(reader, cfg.tissue_config())
         tiles = make_tile_grid(
             info.width,
             info.height,

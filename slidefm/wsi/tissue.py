@@ -9,6 +9,7 @@ pixels are dropped before thresholding.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -62,6 +63,20 @@ def tissue_mask(
     mask = remove_small_objects(mask, max_size=max(1, int(cfg.min_object_um2 / px_area)))
     mask = remove_small_holes(mask, max_size=max(1, int(cfg.max_hole_um2 / px_area)))
     return mask
+
+
+def slide_tissue_mask(
+    reader: Any, cfg: TissueConfig = TissueConfig()
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Thumbnail (h, w, 3) at about ``cfg.thumb_mpp`` µm/px (≤ ``thumb_max_size``), its tissue
+    mask (h, w) bool and the scale (level-0 px per thumbnail px) of an open ``SlideReader``.
+    The one way encode-slides and the viewer find tissue on a whole slide."""
+    level0_mpp = reader.mpp
+    full_mpp_side = max(reader.info.width, reader.info.height) * level0_mpp
+    thumb, scale = reader.thumbnail(
+        max(64, min(cfg.thumb_max_size, round(full_mpp_side / cfg.thumb_mpp)))
+    )
+    return thumb, tissue_mask(thumb, scale * level0_mpp, cfg), scale
 
 
 def area_fraction(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:
