@@ -254,8 +254,8 @@ def km_risk_groups_png(
         if not mask.any():
             continue
         t, s, (lo, hi) = kaplan_meier_estimator(event[mask], time[mask], conf_type="log-log")
-        t, s, lo, hi = (np.concatenate([[0.0], a]) for a in (t, s, lo, hi))
-        lo[0] = hi[0] = 1.0
+        t = np.concatenate([[0.0], t])  # every curve starts at S(0) = 1
+        s, lo, hi = (np.concatenate([[1.0], a]) for a in (s, lo, hi))
         label = f"{name} (n={int(mask.sum())}, events={int(event[mask].sum())})"
         ax.step(t, s, where="post", color=colour, lw=1.6, label=label)
         ax.fill_between(t, lo, hi, step="post", color=colour, alpha=0.15, lw=0)
