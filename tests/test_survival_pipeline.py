@@ -128,7 +128,17 @@ def test_probe_survival_cox(tmp_path):
     write_embeddings(tmp_path / "e.h5", df["slide_id"].tolist(), emb.astype(np.float32), attrs)
     argv = ["probe", "--task", "survival", "--embeddings", str(tmp_path / "e.h5")]
     argv += ["--manifest", str(tmp_path / "m.csv"), "--time", "os", "--event", "dead"]
-    argv += ["--out", str(tmp_path / "o"), "--folds", "3", "--n-boot", "100", "--no-progress"]
+    argv += [
+        "--out",
+        str(tmp_path / "o"),
+        "--folds",
+        "3",
+        "--seeds",
+        "0",
+        "--n-boot",
+        "100",
+        "--no-progress",
+    ]
     assert main(argv) == 0
     res = json.loads((tmp_path / "o" / "cox_results.json").read_text())
     assert res["n_folds"] == 3 and len(res["chosen_penalty"]) == 3
