@@ -15,6 +15,13 @@ median-split log-rank p, next to the C-index of the true risk (and of each part 
     python examples/survival.py --out outputs/survival            # ≥ 300 slides
     python examples/survival.py --out outputs/survival_quick --quick   # tiny smoke run
 
+Measured (300 slides, 156 patients, 116 events, 5 folds, 1 seed; slide encoder pretrained only
+1000 steps on a shared 2-core CPU): true-risk C-index 0.753; slide_encoder 0.541 [0.485, 0.595],
+abmil 0.510, mean 0.489, shuffled-follow-up control 0.538. That encoder's embeddings separate
+biomarker_spatial with linear-probe AUROC only 0.62, so its survival model sees little of the
+planted signal; the Cox probe on the slides' true layout counts (immune-tumour contacts,
+necrosis %) reaches 0.710 [0.666, 0.753], so the survival protocol recovers what features carry.
+
 Tile features come from a randomly initialised tile encoder: the numbers demonstrate the
 pipeline and the planted ground truth, not a pretrained pathology model.
 """
