@@ -38,7 +38,7 @@ from slidefm.eval.survival import (
     write_survival_report,
 )
 from slidefm.eval.targets import Task, check_feature_files
-from slidefm.io.manifest import check_survival, read_manifest
+from slidefm.io.manifest import check_survival, read_cohort_manifest
 from slidefm.models.mil import save_mil_checkpoint, slide_encoder_weights
 from slidefm.models.survival import SurvivalObjective
 from slidefm.pipelines.mil import (
@@ -174,7 +174,7 @@ def run_train_survival(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = parse_seeds(args.seeds)
-    df = read_manifest(args.manifest, required=("slide_id",))
+    df = read_cohort_manifest(args.manifest, getattr(args, "slide_level_only", False))
     time, event = check_survival(df, args.time, args.event)
     paths = check_feature_files(df, args.features)
     splits = build_splits(

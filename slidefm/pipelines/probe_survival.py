@@ -31,7 +31,7 @@ from slidefm.eval.survival import (
     patient_risks,
     write_survival_report,
 )
-from slidefm.io.manifest import check_survival, read_manifest
+from slidefm.io.manifest import check_survival, read_cohort_manifest
 from slidefm.pipelines.mil_survival import parse_horizons
 
 
@@ -44,7 +44,7 @@ def run_survival_probe(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = [int(s) for s in args.seeds.split(",")]
-    df = read_manifest(args.manifest, required=("slide_id",))
+    df = read_cohort_manifest(args.manifest, getattr(args, "slide_level_only", False))
     time, event = check_survival(df, args.time, args.event)
     ids, emb, emb_attrs = read_embeddings(args.embeddings)
     x = align_embeddings(df, list(ids), emb)
