@@ -76,3 +76,23 @@ def test_mil_biomarker_example_quick(tmp_path):
     summary = json.loads(proc.stdout[proc.stdout.index('{\n  "cohort"') :])
     assert set(summary["runs"]) == {"biomarker_bag/abmil", "biomarker_spatial/abmil"}
     assert summary["runs"]["biomarker_bag/abmil"]["folds"] == 3
+
+
+@pytest.mark.slow
+def test_survival_example_quick(tmp_path):
+    """--quick: tiny synthetic slides → encode → pretrain → survival MIL runs and the shuffled-
+    follow-up control; the JSON summary has every run with a C-index inside its CI, and the
+    ground-truth C-index recomputed from the cohort's survival.csv."""
+    cmd = [sys.executable, str(REPO / "examples" / "survival.py"), "--out", str(tmp_path)]
+    cmd += ["--quick", "--n-boot", "100"]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=1800, cwd=tmp_path
+    )  # ~3 min alone; generous on a shared CPU
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads(proc.stdout[proc.stdout.index('{\n  "cohort"') :])
+    want = {"slide_encoder", "abmil", "mean", "slide_encoder__shuffled_follow_up"}
+    assert set(summary["runs"]) == want
+    for run in summary["runs"].values():
+        value, lo, hi = run["c_index"]
+        assert lo <= value <= hi and run["events"] > 0
+    assert 0.5 < summary["ground_truth_c_index"]["true_risk"] <= 1.0
