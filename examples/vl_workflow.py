@@ -30,9 +30,18 @@ RUNS = ("pretrained", "random_encoder")  # alignment runs: pretrained vs random 
 NOTE = "NOTE: tile features come from a tiny ViT with RANDOM weights (offline demo)."
 
 
+# --quick: a smoke run of every step (tests/test_examples.py); its numbers mean nothing.
+QUICK = {"n_slides": 24, "cells": 6, "pretrain_steps": 40, "align_steps": 30, "n_boot": 100}
+
+
 def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--out", default="outputs/vl", help="output folder (re-run to resume)")
-    ap.add_argument("--n-slides", type=int, default=120, help="synthetic cohort size")
+    ap.add_argument(
+        "--n-slides",
+        type=int,
+        default=300,
+        help="synthetic cohort size (300: ~60 test slides, enough to separate the ablation)",
+    )
     ap.add_argument("--cells", type=int, default=10, help="synthetic slide side, in 256-px tiles")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=2, help="processes drawing synthetic slides")
@@ -41,6 +50,20 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--align-steps", type=int, default=300)
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the CIs")
     ap.add_argument("--no-ablation", action="store_true", help="skip the random-encoder run")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke test of every step in ~2 min ({QUICK}); the numbers mean nothing",
+    )
+
+
+def apply_quick(a: argparse.Namespace) -> argparse.Namespace:
+    """``--quick`` overrides the sizes with ``QUICK`` (and says so)."""
+    if a.quick:
+        for k, v in QUICK.items():
+            setattr(a, k, v)
+        print(f"--quick: {QUICK} (smoke test: the numbers below mean nothing)", flush=True)
+    return a
 
 
 def parser(description: str) -> argparse.ArgumentParser:
@@ -88,6 +111,7 @@ def prepare(a: argparse.Namespace) -> dict[str, Path]:
     """Run (or resume) every step; returns the paths the examples read."""
     from slidefm.wsi.synthetic import generate_cohort
 
+    apply_quick(a)
     out = Path(a.out)
     cohort, feats = out / "cohort", out / "features"
     print(f"[1/5] synthetic cohort: {a.n_slides} slides → {cohort}", flush=True)
@@ -115,7 +139,8 @@ def prepare(a: argparse.Namespace) -> dict[str, Path]:
             print(f"[4/5] slide↔report alignment, slide encoder: {name}", flush=True)
             _cli(["align", "--config", "tiny", "--features", str(feats), "--manifest",
                   str(manifest), "--slide-encoder", enc, "--out", str(d), "--seed", str(a.seed),
-                  *_sets(f"train.max_steps={a.align_steps}", "train.progress=false")])  # fmt: skip
+                  *_sets(f"train.max_steps={a.align_steps}", "train.progress=false",
+                         "data.val_label_column=subtype")])  # fmt: skip
         paths[name] = d / "align.pt"
     real = out / "real_features"
     print(f"[5/5] the bundled real slide {SAMPLE.name}, same tile encoder", flush=True)

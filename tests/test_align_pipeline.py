@@ -85,7 +85,8 @@ def aligned(cohort, tmp_path_factory):
     out = tmp_path_factory.mktemp("align")
     args = ["align", "--config", "tiny", "--embeddings", str(h5), "--manifest", str(manifest)]
     sets = ["train.max_steps=80", "train.progress=false", "data.batch_size=16",
-            "train.eval_every=40", "train.ckpt_every=40", "model.embed_dim=32",
+            "train.eval_every=20", "train.ckpt_every=40", "model.embed_dim=32",
+            "data.val_label_column=subtype",
             "model.text.width=32", "model.text.heads=2", "model.text.output_dim=32",
             "model.text.context_length=48"]  # fmt: skip
     rc = main(args + ["--out", str(out), "--seed", "1"] + set_args(sets))
@@ -148,7 +149,7 @@ def test_features_mode_partial_encoder_resumes_exactly(cohort, tmp_path):
     over = FAST + ["slide_encoder=random:tiny", "model.slide_trainable=partial",
                    "data.max_tiles=16"]  # fmt: skip
     full = run_align("tiny", manifest, tmp_path / "a", features=feats, overrides=over)
-    assert full["slide_encoder_weights"] == "random"
+    assert full["slide_encoder_weights"] == "random" and full["tile_encoder_weights"] == "random"
     run_align("tiny", manifest, tmp_path / "b", features=feats, overrides=over, stop_at_step=4)
     resumed = run_align("tiny", manifest, tmp_path / "b", features=feats, overrides=over)
     assert resumed["steps"] == 6
@@ -166,10 +167,8 @@ def test_features_mode_partial_encoder_resumes_exactly(cohort, tmp_path):
                "--label-column", "subtype", "--split", "val", "--out", str(tmp_path / "zs"),
                "--n-boot", "20"])  # fmt: skip
     assert rc == 0
-    assert (
-        json.loads((tmp_path / "zs" / "metrics.json").read_text())["slide_encoder_weights"]
-        == "random"
-    )
+    zs = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    assert zs["slide_encoder_weights"] == "random" and zs["tile_encoder_weights"] == "random"
 
 
 def test_clear_errors(cohort, tmp_path):
@@ -183,3 +182,131 @@ def test_clear_errors(cohort, tmp_path):
     with pytest.raises(FileNotFoundError, match="slidefm pretrain"):
         run_align("tiny", manifest, tmp_path / "z", features=feats,
                   overrides=FAST + ["slide_encoder=/nope/encoder.pt"])  # fmt: skip
+
+
+def test_align_keeps_the_best_validation_step(aligned):
+    """align.pt holds the evaluation step with the highest val_same_label_mass in metrics.csv
+    (the tiny config's select_metric; not necessarily the last step), and says so in
+    run_config.json and the checkpoint."""
+    info = json.loads((aligned / "run_config.json").read_text())
+    rows = pd.read_csv(aligned / "metrics.csv").dropna(subset=["val_same_label_mass"])
+    assert len(rows) == 4  # evaluations at steps 20, 40, 60, 80
+    best = int(rows.loc[rows["val_same_label_mass"].idxmax(), "step"])
+    sel = info["selected"]
+    assert sel["step"] == best and sel["metric"] == "val_same_label_mass" and sel["restored"]
+    assert sel["value"] == pytest.approx(rows["val_same_label_mass"].max())
+    extra = SlideTextModel.from_checkpoint(aligned / "align.pt").checkpoint_extra
+    assert extra["selected"]["step"] == best
+    assert set(extra["train_case_ids"]) == set(
+        pd.read_csv(cohort_manifest(aligned)).query("split == 'train'").case_id
+    )
+
+
+def cohort_manifest(aligned):
+    return json.loads((aligned / "run_config.json").read_text())["manifest"]
+
+
+def test_zero_shot_flags_other_domains_and_leaves_training_patients_out(
+    aligned, cohort, tmp_path, capsys
+):
+    """Slides from another 'organ' (feature means never seen in alignment) are flagged out of
+    domain; held-out slides of the cohort mostly are not. Without --split the training
+    patients are left out of the scored rows (the leakage the checkpoint knows of)."""
+    manifest, _, h5 = cohort
+    ckpt = str(aligned / "align.pt")
+    df = pd.read_csv(manifest)
+    rng = np.random.default_rng(7)
+    other = rng.normal(size=(12, 64)) * 3 + 5  # far from every subtype mean
+    ood_h5 = write_embeddings(tmp_path / "ood.h5", [f"hn{i}" for i in range(12)], other,
+                              {"checkpoint_sha256": "toy", "seed": 0, "encoder_config": "toy"})  # fmt: skip
+    out = tmp_path / "zs_ood"
+    assert main(["zero-shot", "--checkpoint", ckpt, "--embeddings", str(ood_h5), "--prompts",
+                 "synthetic_subtypes", "--out", str(out), "--n-boot", "0"]) == 0  # fmt: skip
+    pred = pd.read_csv(out / "predictions.csv")
+    assert pred["out_of_domain"].all()
+    assert json.loads((out / "metrics.json").read_text())["num_out_of_domain"] == 12
+    out = tmp_path / "zs_all"
+    assert main(["zero-shot", "--checkpoint", ckpt, "--embeddings", str(h5), "--prompts",
+                 "synthetic_subtypes", "--manifest", str(manifest), "--label-column", "subtype",
+                 "--out", str(out), "--n-boot", "20"]) == 0  # fmt: skip
+    pred = pd.read_csv(out / "predictions.csv")
+    assert set(pred["slide_id"]) == set(df.query("split != 'train'").slide_id)
+    assert pred["out_of_domain"].mean() <= 0.25  # in domain: flagged at about alpha (0.05)
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["num_training_rows_dropped"] == (df.split == "train").sum()
+    rc = main(["zero-shot", "--checkpoint", ckpt, "--embeddings", str(h5), "--prompts",
+               "synthetic_subtypes", "--manifest", str(manifest), "--split", "train",
+               "--out", str(tmp_path / "zs_train")])  # fmt: skip
+    assert rc == 2 and "trained on" in capsys.readouterr().err
+
+
+def test_retrieve_without_split_scores_held_out_patients_and_skips_empty_tasks(
+    aligned, cohort, tmp_path, capsys
+):
+    manifest, _, h5 = cohort
+    ckpt = str(aligned / "align.pt")
+    df = pd.read_csv(manifest)
+    out = tmp_path / "ret"
+    assert main(["retrieve", "--checkpoint", ckpt, "--embeddings", str(h5), "--manifest",
+                 str(manifest), "--label-column", "subtype", "--out", str(out),
+                 "--n-boot", "20"]) == 0  # fmt: skip
+    info = json.loads((out / "metrics.json").read_text())
+    assert info["num_slides"] == (df.split != "train").sum()
+    assert info["num_training_rows_dropped"] == (df.split == "train").sum()
+    s2r = info["metrics"]["slide2report"]
+    n_cases = df.query("split != 'train'").case_id.nunique()  # 16 candidates: K=10 is kept
+    assert s2r["recall@1"]["chance"] == pytest.approx(1 / n_cases)
+    assert "chance" in capsys.readouterr().out
+    # one patient per subtype: slide2slide has no query with a relevant slide of another
+    # patient, so it is skipped with a reason instead of nan + numpy warnings
+    one = df[df.split == "test"].groupby("subtype").head(1)
+    small = tmp_path / "one_per_subtype.csv"
+    one.to_csv(small, index=False)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert main(["retrieve", "--checkpoint", ckpt, "--embeddings", str(h5), "--manifest",
+                     str(small), "--label-column", "subtype", "--out", str(tmp_path / "r1"),
+                     "--n-boot", "20"]) == 0  # fmt: skip
+    m = json.loads((tmp_path / "r1" / "metrics.json").read_text())["metrics"]
+    assert (
+        m["slide2slide"]["num_queries"]["value"] == 0 and m["slide2slide"]["num_queries"]["skipped"]
+    )
+    # 4 candidates: Recall@5/@10 are trivially 1, so they are omitted, not printed
+    assert (
+        "recall@5" not in m["slide2report"]
+        and "recall@5" in m["slide2report"]["omitted"]["metrics"]
+    )
+
+
+def test_val_same_label_mass_formula():
+    """Mean over slides of the softmax mass on same-label reports, against a hand loop."""
+    from slidefm.pipelines.align import val_metrics
+
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(5, 3)).astype(np.float32)
+    rep = rng.normal(size=(5, 3)).astype(np.float32)
+
+    class Stub(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.logit_scale = torch.nn.Parameter(torch.tensor(0.0))
+            self.scale = torch.tensor(2.0)
+
+        def encode_slide(self, embeddings):
+            return torch.nn.functional.normalize(embeddings.float(), dim=-1)
+
+        def embed_texts(self, reports):
+            return torch.nn.functional.normalize(torch.tensor(rep[: len(reports)]), dim=-1)
+
+    labels = ["a", "b", "a", "c", "b"]
+    got = val_metrics(Stub(), z, ["r"] * 5, ks=(1,), labels=labels)["val_same_label_mass"]
+    zs = z / np.linalg.norm(z, axis=1, keepdims=True)
+    zt = rep / np.linalg.norm(rep, axis=1, keepdims=True)
+    want = []
+    for i in range(5):
+        e = np.exp(2.0 * zs[i] @ zt.T)
+        p = e / e.sum()
+        want.append(sum(p[j] for j in range(5) if labels[j] == labels[i]))
+    assert got == pytest.approx(np.mean(want), rel=1e-5)

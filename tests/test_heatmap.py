@@ -153,6 +153,13 @@ def test_heatmap_cli_on_real_slide(tmp_path, sample_slide):
         ]
     )
     assert rc == 0
+    # full size (default --max-size) opens quickly: well under 1 MB, raw scores too
+    for mode in ("rank", "raw"):
+        o = tmp_path / f"full_{mode}"
+        argv = ["heatmap", "--slide", str(sample_slide), "--features", str(feat_path),
+                "--checkpoint", str(ckpt), "--out", str(o), "--normalize", mode]  # fmt: skip
+        assert main(argv) == 0
+        assert (o / "cmu_heatmap.png").stat().st_size < 700_000
     fc = json.loads((out / "cmu_tiles.geojson").read_text())
     assert len(fc["features"]) == n
     x, y = (int(v) for v in coords[5])
@@ -164,6 +171,9 @@ def test_heatmap_cli_on_real_slide(tmp_path, sample_slide):
         )["attention"][0].numpy()
     np.testing.assert_allclose([f["properties"]["score"] for f in fc["features"]], att, rtol=1e-5)
     with Image.open(out / "cmu_heatmap.png") as im:
+        # the 400-px overlay plus its title, colour bar and margins
+        assert 400 < max(im.size) <= 400 + 200 and im.mode == "P"
+    with Image.open(out / "cmu_thumbnail.jpg") as im:
         assert max(im.size) == 400
     assert (
         main(
@@ -181,3 +191,19 @@ def test_heatmap_cli_on_real_slide(tmp_path, sample_slide):
         )
         == 2
     )
+
+
+def test_display_range_raw_signed_and_rank():
+    from slidefm.eval.heatmap import display_range
+
+    v, lo, hi, signed = display_range(np.array([-1.0, 0.0, 2.0]), "raw")
+    assert signed and (lo, hi) == (-2.0, 2.0)
+    np.testing.assert_allclose(v, [0.25, 0.5, 1.0])  # 0 is the middle of the colour bar
+    v, lo, hi, signed = display_range(np.array([0.1, 0.3, 0.6]), "raw")
+    assert not signed and (lo, hi) == (0.1, 0.6)
+    np.testing.assert_allclose(v, [0.0, 0.4, 1.0])
+    v, lo, hi, _ = display_range(np.array([5.0, 1.0, 3.0]), "rank")
+    assert (lo, hi) == (0.0, 100.0)
+    np.testing.assert_allclose(v, [1.0, 0.0, 0.5])
+    with pytest.raises(ValueError, match="rank"):
+        display_range(np.ones(3), "zscore")

@@ -127,13 +127,22 @@ def test_mil_train_cv_and_predict(tmp_path):
     oof = preds[(preds.seed == 0) & (preds.fold == 0)].set_index("slide_id")["prob_pos"]
     np.testing.assert_allclose(p1.set_index("slide_id").loc[oof.index, "prob_pos"], oof, rtol=1e-5)
     np.testing.assert_allclose(p1[["prob_neg", "prob_pos"]].sum(axis=1), 1.0, rtol=1e-6)
+    # leakage: the fold model trained (or early-stopped) on its train + val slides, per
+    # splits.csv; they are flagged and left out of the metrics, which cover its test slides
+    fold0 = splits[(splits.seed == 0) & (splits.fold == 0)].set_index("slide_id")["split"]
+    seen = p1.set_index("slide_id")["seen_in_training"]
+    assert (seen == fold0.loc[seen.index].isin(["train", "val"])).all()
+    m1 = json.loads(one.with_suffix(".metrics.json").read_text())
+    assert m1["scored_rows"] == (fold0 == "test").sum() and m1["seen_rows_scored"] == 0
+    # the fold ensemble has seen every patient of its own cohort: no metrics unless asked
     ens = tmp_path / "ens.csv"
     assert mil_predict(out, manifest, feats, ens, "--patient-level") == 0
     pe = pd.read_csv(ens)
-    assert len(pe) == df["case_id"].nunique()
-    assert (
-        json.loads(ens.with_suffix(".metrics.json").read_text())["summary"]["auroc"]["value"] > 0.9
-    )
+    assert len(pe) == df["case_id"].nunique() and pe["seen_in_training"].all()
+    assert not ens.with_suffix(".metrics.json").exists()
+    assert mil_predict(out, manifest, feats, ens, "--patient-level", "--include-seen") == 0
+    leaky = json.loads(ens.with_suffix(".metrics.json").read_text())
+    assert leaky["seen_rows_scored"] == len(pe) and leaky["summary"]["auroc"]["value"] > 0.9
 
 
 @pytest.mark.parametrize(

@@ -55,6 +55,10 @@ def test_pretrain_outputs(pretrained, cohort):
     assert n_hold == 4 and info["num_train_slides"] == 8 and info["rankme_on"] == "holdout"
     assert all(1.0 <= r <= n_hold + 1e-6 for r in rk)  # effective rank of 4 embeddings
     assert info["seed"] == 3 and len(info["config_hash"]) == 16 and info["steps"] == 6
+    # the toy features say their tile encoder was random: the run (and encoder.pt) says so
+    assert info["tile_encoder_weights"] == "random"
+    meta = SlideEncoder.from_checkpoint(out / "encoder.pt")._read_checkpoint(out / "encoder.pt")
+    assert meta["extra"]["tile_encoder_weights"] == "random"
     assert (out / "loss_curve.png").stat().st_size > 1000
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == [
         "step_00000003.pt",
@@ -122,7 +126,10 @@ def test_embed_with_checkpoint(pretrained, cohort, tmp_path, capsys):
     with torch.no_grad():
         ref = enc(torch.from_numpy(sf.features)[None], torch.from_numpy(sf.grid).long()[None])
     np.testing.assert_allclose(emb[got_ids.index("bag5")], ref[0].numpy(), rtol=1e-5, atol=1e-6)
-    assert "RANDOM" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "slide encoder has RANDOM" not in printed  # a pretrained slide encoder ...
+    assert "RANDOMLY INITIALISED" in printed  # ... on features of a random tile encoder
+    assert attrs["tile_encoder_weights"] == "random"
 
 
 def test_embed_random_weights_is_marked(tmp_path, capsys):

@@ -95,3 +95,37 @@ def test_metrics_hand_computed():
     assert agg["mrr"]["value"] == pytest.approx((0.5 + 1 + 0) / 3)
     assert agg["recall@3"]["lo"] <= agg["recall@3"]["value"] <= agg["recall@3"]["hi"]
     assert agg["num_queries"]["value"] == 3
+
+
+def test_chance_levels_match_random_rankings():
+    """Analytic chance Recall@K / MRR against the mean over many random permutations."""
+    from slidefm.eval.retrieval import chance_levels, per_query_metrics
+
+    rng = np.random.default_rng(0)
+    n_cand, n_rel = [8, 12, 30], [1, 3, 2]
+    ks = (1, 5, 10)
+    sims = {f"recall@{k}": [] for k in ks} | {"mrr": []}
+    for n, r in zip(n_cand, n_rel):
+        items = [str(i) for i in range(n)]
+        rel = {str(i) for i in range(r)}
+        per = per_query_metrics([list(rng.permutation(items)) for _ in range(20000)],
+                                [rel] * 20000, ks)  # fmt: skip
+        for name in sims:
+            sims[name].append(per[name].mean())
+    got = chance_levels(n_cand, n_rel, ks)
+    for name, vals in sims.items():
+        assert got[name] == pytest.approx(np.mean(vals), abs=0.01), name
+    assert got["recall@10"] < 1  # 8 candidates: K=10 is trivially 1 for that query only
+
+
+def test_retrieval_metrics_omit_k_at_or_above_the_candidates():
+    from slidefm.eval.retrieval import retrieval_metrics
+
+    ranked = [["a", "b", "c", "d", "e"], ["b", "a", "c", "d", "e"]]
+    m = retrieval_metrics(ranked, [{"a"}, {"a"}], ks=(1, 5), n_boot=20, n_candidates=[5, 5])
+    assert "recall@5" not in m and "map@5" not in m and "recall@1" in m
+    assert m["omitted"]["metrics"] == ["recall@5", "map@5"]
+    assert m["recall@1"]["chance"] == pytest.approx(1 / 5)
+    assert m["mrr"]["chance"] == pytest.approx(np.mean([1, 1 / 2, 1 / 3, 1 / 4, 1 / 5]))
+    with pytest.raises(ValueError, match="no queries"):
+        retrieval_metrics([], [], n_boot=10)

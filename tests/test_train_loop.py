@@ -300,3 +300,88 @@ def test_ddp_matches_single_process_and_resumes_exactly(tmp_path):
     for k in straight:
         assert torch.equal(straight[k], resumed[k]), k
     assert not torch.equal(straight["1.weight"], ddp["1.weight"])  # dropout mattered
+
+
+# -- model selection (select_metric) -------------------------------------------------------
+VAL_CURVE = {2: 3.0, 4: 1.5, 6: 0.7, 8: 2.5, 10: 4.0}  # U-shaped: best (min) at step 6
+
+
+def _scripted_eval(snapshots):
+    """eval_fn returning VAL_CURVE[step] and recording the weights it was evaluated on."""
+    state = {"step": 0}
+
+    def eval_fn(m):
+        state["step"] += 2
+        snapshots[state["step"]] = _params(m)
+        return {"val_loss": VAL_CURVE[state["step"]], "val_acc": -VAL_CURVE[state["step"]]}
+
+    return eval_fn
+
+
+@pytest.mark.parametrize("metric,mode", [("val_loss", "min"), ("val_acc", "max")])
+def test_select_metric_keeps_the_best_step(tmp_path, metric, mode):
+    """The run ends holding the weights evaluated at the step with the best value (argmin /
+    argmax of the scripted curve, not the last step), says which, and the last checkpoint
+    still holds the last step for exact resume."""
+    snaps: dict[int, dict] = {}
+    torch.manual_seed(0)
+    cfg = _cfg(tmp_path, max_steps=10, accum_steps=1, eval_every=2, ckpt_every=5,
+               select_metric=metric, select_mode=mode)  # fmt: skip
+    tr = Trainer(nn.Linear(5, 1), mse, make_loader(Regression(), 4, seed=0), cfg,
+                 eval_fn=_scripted_eval(snaps))  # fmt: skip
+    tr.fit()
+    want = min(VAL_CURVE, key=VAL_CURVE.get)  # 6 either way (val_acc = -val_loss)
+    assert tr.selection["step"] == want and tr.selection["restored"]
+    assert tr.selection["last_step"] == 10
+    for k, v in _params(tr.module).items():
+        assert torch.equal(v, snaps[want][k])
+    assert not torch.equal(_params(tr.module)["weight"], snaps[10]["weight"])
+    last = torch.load(tmp_path / "checkpoints" / "step_00000010.pt", weights_only=True)
+    assert torch.equal(last["model"]["weight"], snaps[10]["weight"])
+
+
+def test_select_metric_survives_resume(tmp_path):
+    """Stop at step 7 (checkpoint at 5, best at 6 saved after it), resume: same selection and
+    weights as an uninterrupted run."""
+
+    def run(out, stop=None):
+        torch.manual_seed(0)
+        snaps: dict[int, dict] = {}
+        cfg = _cfg(out, max_steps=10, accum_steps=1, eval_every=2, ckpt_every=5,
+                   select_metric="val_loss")  # fmt: skip
+        ev = _scripted_eval(snaps)
+        tr = Trainer(nn.Linear(5, 1), mse, make_loader(Regression(), 4, seed=0), cfg, eval_fn=ev)
+        tr.fit(stop)
+        return tr
+
+    ref = run(tmp_path / "ref")
+    part = run(tmp_path / "res", stop=7)
+    assert part.selection is None  # unfinished runs select nothing
+    torch.manual_seed(123)  # a fresh process: different init, restored from the checkpoint
+    cfg = _cfg(tmp_path / "res", max_steps=10, accum_steps=1, eval_every=2, ckpt_every=5,
+               select_metric="val_loss")  # fmt: skip
+    state = {"step": 4}  # resumed at step 5: the next evaluation is step 6's
+
+    def resumed_eval(m):
+        state["step"] += 2
+        return {"val_loss": VAL_CURVE[state["step"]]}
+
+    tr = Trainer(nn.Linear(5, 1), mse, make_loader(Regression(), 4, seed=0), cfg,
+                 eval_fn=resumed_eval)  # fmt: skip
+    tr.fit()
+    assert tr.selection["step"] == ref.selection["step"] == 6
+    for k, v in _params(tr.module).items():
+        assert torch.allclose(v, _params(ref.module)[k], atol=1e-6)
+
+
+def test_select_metric_never_evaluated_keeps_last(tmp_path, caplog):
+    torch.manual_seed(0)
+    cfg = _cfg(tmp_path, max_steps=4, accum_steps=1, select_metric="val_loss")
+    tr = Trainer(nn.Linear(5, 1), mse, make_loader(Regression(), 4, seed=0), cfg,
+                 eval_fn=lambda m: {})  # fmt: skip
+    tr.fit()
+    assert tr.selection == {"metric": "val_loss", "mode": "min", "last_step": 4,
+                            "value": None, "step": 4, "restored": False}  # fmt: skip
+    assert "never evaluated" in caplog.text
+    with pytest.raises(ValueError, match="select_mode"):
+        Trainer(nn.Linear(5, 1), mse, lambda e: [], _cfg(tmp_path, select_mode="lowest"))

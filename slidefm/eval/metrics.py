@@ -239,6 +239,13 @@ def classification_report(
     return out
 
 
+def _note(fig, note: str) -> None:
+    """Red caption above the title, clear of the tick labels (``bbox_inches="tight"`` keeps
+    it in the file)."""
+    if note:
+        fig.text(0.5, 1.0, note, ha="center", va="bottom", fontsize=6.5, color="tab:red")
+
+
 def _save_fig(fig, path: str | Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -255,10 +262,13 @@ def roc_curve_png(
     path: str | Path,
     class_names: Sequence[str] | None = None,
     title: str = "ROC",
+    model: str = "",
+    note: str = "",
 ) -> Path:
     """Write ROC curve(s) as PNG: one curve for binary, one-vs-rest per class otherwise.
 
-    y_true: (N,) int; y_score: (N,) or (N, C). The legend shows each curve's AUROC.
+    y_true: (N,) int; y_score: (N,) or (N, C). Each legend entry names the model, the class
+    scored as positive and its AUROC; ``note`` is a red caption (e.g. random weights).
     """
     import matplotlib
 
@@ -283,8 +293,11 @@ def roc_curve_png(
         if pos.all() or not pos.any():
             continue
         fpr, tpr, _ = skm.roc_curve(pos.astype(int), s)
-        ax.plot(fpr, tpr, lw=1.5, label=f"{name} (AUROC {skm.auc(fpr, tpr):.3f})")
-    ax.plot([0, 1], [0, 1], "k--", lw=0.8)
+        who = f"{model}: " if model else ""
+        what = f"{name} vs rest" if len(curves) > 1 else f"positive = {name}"
+        label = f"{who}{what} (AUROC {skm.auc(fpr, tpr):.3f}, n={len(pos)})"
+        ax.plot(fpr, tpr, lw=1.5, label=label)
+    ax.plot([0, 1], [0, 1], "k--", lw=0.8, label="chance (AUROC 0.5)")
     ax.set(
         xlabel="False positive rate",
         ylabel="True positive rate",
@@ -293,7 +306,8 @@ def roc_curve_png(
         ylim=(0, 1.01),
     )
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize=8)
+        ax.legend(loc="lower right", fontsize=7)
+    _note(fig, note)
     return _save_fig(fig, path)
 
 
@@ -304,6 +318,7 @@ def confusion_matrix_png(
     class_names: Sequence[str] | None = None,
     normalize: bool = True,
     title: str = "Confusion matrix",
+    note: str = "",
 ) -> Path:
     """Write a confusion matrix PNG (rows: true class, columns: predicted; row-normalised
     when ``normalize``, with the raw counts printed in each cell)."""
@@ -333,4 +348,7 @@ def confusion_matrix_png(
     ax.set(xticks=range(n), yticks=range(n), xlabel="Predicted", ylabel="True", title=title)
     ax.set_xticklabels(names, rotation=45, ha="right")
     ax.set_yticklabels(names)
+    if normalize:
+        ax.set_title(f"{title}\n(row = true class: fraction, (count))", fontsize=9)
+    _note(fig, note)
     return _save_fig(fig, path)

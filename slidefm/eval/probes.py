@@ -176,3 +176,75 @@ def mean_sd(
     out = out.fillna({f"{m}_sd": 0.0 for m in metrics})
     out["n"] = g.size()
     return out.reset_index()
+
+
+DEFAULT_COX_PENALTIES = tuple(float(v) for v in np.logspace(-3, 2, 11))
+
+
+@dataclasses.dataclass
+class CoxProbeResult:
+    """Test risks (N_test,), the same model's risks on train + val (for ``normalise_fold_risk``),
+    the chosen L2 penalty and the validation C-index of every penalty."""
+
+    risk: np.ndarray
+    fit_risk: np.ndarray
+    best_penalty: float
+    val_scores: dict[float, float]
+
+
+def fit_cox(x: np.ndarray, time: np.ndarray, event: np.ndarray, penalty: float) -> np.ndarray:
+    """(E,) coefficients of a Cox model on standardised features x (N, E): minimises the Breslow
+    partial likelihood (``models.survival.cox_ph_loss``, per event) + penalty/2 · ‖β‖² by L-BFGS
+    in float64."""
+    import torch
+
+    from slidefm.models.survival import cox_ph_loss
+
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    t, e = torch.as_tensor(time, dtype=torch.float64), torch.as_tensor(event)
+    beta = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS(
+        [beta], lr=1.0, max_iter=500, tolerance_grad=1e-9, line_search_fn="strong_wolfe"
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = (
+            cox_ph_loss((xt @ beta).double(), t, e).double() + 0.5 * penalty * beta.square().sum()
+        )
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return beta.detach().numpy()
+
+
+def cox_probe(
+    x_train: np.ndarray,
+    t_train: np.ndarray,
+    e_train: np.ndarray,
+    x_val: np.ndarray,
+    t_val: np.ndarray,
+    e_val: np.ndarray,
+    x_test: np.ndarray,
+    penalties: Sequence[float] = DEFAULT_COX_PENALTIES,
+) -> CoxProbeResult:
+    """Standardised embeddings → L2-penalised Cox model; each penalty is fit on train and scored
+    by validation C-index, ties going to the larger penalty; the chosen one is refit on
+    train + val before scoring test (the linear probe's protocol, for survival)."""
+    from slidefm.eval.survival import concordance_index
+
+    scaler = StandardScaler().fit(x_train)
+    xt, xv = scaler.transform(x_train), scaler.transform(x_val)
+    scores: dict[float, float] = {}
+    for p in sorted(penalties, reverse=True):
+        c = concordance_index(t_val, e_val, xv @ fit_cox(xt, t_train, e_train, p))
+        scores[p] = c if np.isfinite(c) else -np.inf
+    best = max(sorted(scores, reverse=True), key=lambda p: scores[p])
+    x_all = np.concatenate([x_train, x_val])
+    t_all, e_all = np.concatenate([t_train, t_val]), np.concatenate([e_train, e_val])
+    scaler = StandardScaler().fit(x_all)
+    beta = fit_cox(scaler.transform(x_all), t_all, e_all, best)
+    return CoxProbeResult(
+        scaler.transform(x_test) @ beta, scaler.transform(x_all) @ beta, best, scores
+    )

@@ -146,6 +146,8 @@ def write_report(
         ),
         "results": write_json({**meta, **result}, out / f"{prefix}results.json"),
     }
+    model = str(meta.get("model", ""))
+    note = "; ".join(meta.get("notes", []))
     for s, part in preds.groupby("seed"):
         y, p = _arrays(part, task)
         if task.multilabel:
@@ -154,12 +156,20 @@ def write_report(
                     y[:, c],
                     p[:, c],
                     out / f"{prefix}roc_seed{s}_{name}.png",
-                    title=f"{name} (seed {s})",
+                    title=f"{model} {name} (seed {s}, out-of-fold)".strip(),
+                    model=model,
+                    note=note,
                 )
         else:
-            title = f"{task.labels[0]}, seed {s}, out-of-fold"
+            title = f"{model} on {task.labels[0]}, seed {s}, out-of-fold".strip()
             paths[f"roc_seed{s}"] = roc_curve_png(
-                y, p, out / f"{prefix}roc_seed{s}.png", class_names=list(task.classes), title=title
+                y,
+                p,
+                out / f"{prefix}roc_seed{s}.png",
+                class_names=list(task.classes),
+                title=title,
+                model=model,
+                note=note,
             )
     return paths
 

@@ -243,6 +243,35 @@ def per_query_metrics(
     return out
 
 
+def chance_levels(
+    n_candidates: Sequence[int], n_relevant: Sequence[int], ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, float]:
+    """Expected Recall@K and MRR of a random ranking, averaged over queries.
+
+    A query with n candidates of which r are relevant: P(no relevant in the top K) =
+    C(n-r, K) / C(n, K) (hypergeometric), so chance Recall@K = 1 - that; the first relevant
+    item is at rank i with probability C(n-i, r-1) / C(n, r), so chance MRR = Σ_i P(i) / i.
+    """
+    from math import comb
+
+    rec = {k: [] for k in ks}
+    mrr = []
+    for n, r in zip(n_candidates, n_relevant):
+        n, r = int(n), int(min(r, n))
+        if r <= 0:
+            for k in ks:
+                rec[k].append(0.0)
+            mrr.append(0.0)
+            continue
+        total = comb(n, r)
+        for k in ks:
+            rec[k].append(1.0 - comb(n - r, min(k, n)) / comb(n, min(k, n)))
+        mrr.append(sum(comb(n - i, r - 1) / total / i for i in range(1, n - r + 2)))
+    out = {f"recall@{k}": float(np.mean(v)) if v else float("nan") for k, v in rec.items()}
+    out["mrr"] = float(np.mean(mrr)) if mrr else float("nan")
+    return out
+
+
 def retrieval_metrics(
     ranked: Sequence[Sequence[str]],
     relevant: Sequence[set[str]],
@@ -250,13 +279,28 @@ def retrieval_metrics(
     groups: Sequence[Any] | None = None,
     n_boot: int = 1000,
     seed: int = 0,
+    n_candidates: Sequence[int] | None = None,
 ) -> dict[str, dict[str, float]]:
-    """Mean of each per-query metric with a 95% bootstrap CI: {name: {value, lo, hi}}."""
+    """Mean of each per-query metric with a 95% bootstrap CI: {name: {value, lo, hi}}.
+
+    With ``n_candidates`` (items each query ranks): Recall@K and MRR also carry ``chance``
+    (``chance_levels``), and metrics @K with K ≥ the fewest candidates are left out (every
+    relevant item is then in the top K by construction); ``omitted`` lists them.
+    """
     from slidefm.eval.metrics import bootstrap_ci  # scipy/sklearn: not at import (CLI start-up)
 
+    if len(ranked) == 0:
+        raise ValueError("no queries to score")
     per = per_query_metrics(ranked, relevant, ks)
+    chance: dict[str, float] = {}
+    omitted: list[str] = []
+    if n_candidates is not None:
+        chance = chance_levels(n_candidates, [len(r) for r in relevant], ks)
+        fewest = int(min(n_candidates))
+        omitted = [n for n in per if "@" in n and int(n.split("@")[1]) >= fewest]
+        per = {n: v for n, v in per.items() if n not in omitted}
     g = None if groups is None else np.asarray(groups)
-    out = {}
+    out: dict[str, Any] = {}
     for i, (name, vals) in enumerate(per.items()):
         v, lo, hi = bootstrap_ci(
             lambda _t, x: float(np.mean(x)),
@@ -267,5 +311,18 @@ def retrieval_metrics(
             groups=g,
         )
         out[name] = {"value": v, "lo": lo, "hi": hi}
+        if name in chance:
+            out[name]["chance"] = chance[name]
     out["num_queries"] = {"value": float(len(ranked)), "lo": float("nan"), "hi": float("nan")}
+    if n_candidates is not None:
+        out["num_candidates_min"] = {"value": float(min(n_candidates)), "lo": float("nan"),
+                                     "hi": float("nan")}  # fmt: skip
+    if omitted:
+        out["omitted"] = {  # same keys as a metric, so readers can iterate uniformly
+            "value": float(len(omitted)),
+            "lo": float("nan"),
+            "hi": float("nan"),
+            "metrics": omitted,
+            "reason": f"K >= {int(min(n_candidates))} candidates: trivially 1",
+        }
     return out

@@ -35,6 +35,7 @@ from slidefm.eval.metrics import (
     f1,
 )
 from slidefm.io.atomic import atomic_path
+from slidefm.io.provenance import figure_note
 
 DEFAULT_TEMPLATES = (
     "an H&E image of {}.",
@@ -172,9 +173,11 @@ def write_zero_shot_outputs(
     n_boot: int = 1000,
     seed: int = 0,
     provenance: dict[str, Any] | None = None,
+    extra_columns: Mapping[str, Sequence[Any]] | None = None,
 ) -> dict[str, Any]:
-    """``predictions.csv`` (slide_id, p_<class>…, prediction[, label]) and, with labels,
-    ``metrics.json`` + ``confusion_matrix.png``. Returns the metrics (or {})."""
+    """``predictions.csv`` (slide_id, p_<class>…, prediction[, label], ``extra_columns``),
+    ``metrics.json`` (provenance, and with labels the metrics) and, with labels,
+    ``confusion_matrix.png``. Returns the metrics (or {})."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     classes = list(prompts.classes)
@@ -182,7 +185,10 @@ def write_zero_shot_outputs(
     for k, c in enumerate(classes):
         df[f"p_{c}"] = probs[:, k]
     df["prediction"] = [classes[k] for k in probs.argmax(1)]
+    for name, col in (extra_columns or {}).items():
+        df[name] = list(col)
     metrics: dict[str, Any] = {}
+    info: dict[str, Any] = {"classes": classes, "prompts": prompts.name, "seed": seed}
     if labels is not None:
         y = labels_to_index(labels, classes)
         df["label"] = [classes[k] for k in y]
@@ -193,12 +199,12 @@ def write_zero_shot_outputs(
             probs.argmax(1),
             out / "confusion_matrix.png",
             class_names=classes,
-            title=f"Zero-shot ({prompts.name})",
+            title=f"Zero-shot ({prompts.name}), {len(y)} slides",
+            note=figure_note(provenance or {}),
         )
-        info = {"metrics": metrics, "classes": classes, "prompts": prompts.name, "seed": seed}
-        info.update(provenance or {})
-        with atomic_path(out / "metrics.json") as tmp:
-            tmp.write_text(json.dumps(info, indent=2, default=str))
+    info = {"metrics": metrics, **info, **(provenance or {})}
+    with atomic_path(out / "metrics.json") as tmp:
+        tmp.write_text(json.dumps(info, indent=2, default=str))
     with atomic_path(out / "predictions.csv") as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")
     return metrics

@@ -107,6 +107,54 @@ def check_labels(df: pd.DataFrame, column: str, allowed: Iterable | None = None)
             )
 
 
+# Ways a 0/1 event cell may be written (as read by pandas).
+EVENT_VALUES = {"0": 0, "1": 1, "0.0": 0, "1.0": 1, "False": 0, "True": 1}
+
+
+def check_survival(df: pd.DataFrame, time_col: str, event_col: str) -> tuple:
+    """Validate right-censored follow-up columns → (time (N,) float64, event (N,) int64).
+
+    ``time_col``: follow-up in any unit (days, months), a finite number ≥ 0 on every row;
+    ``event_col``: 1 = event observed at that time, 0 = censored. Slides of one patient
+    (``case_id``) must share both values (follow-up is per patient), and the cohort needs at
+    least one event (a risk model cannot be fit or scored without one).
+    """
+    import numpy as np
+
+    for c, what in ((time_col, "--time"), (event_col, "--event")):
+        if c not in df:
+            raise ManifestError(f"Manifest has no {what} column {c!r}; columns: {list(df.columns)}")
+    time = pd.to_numeric(df[time_col], errors="coerce")
+    missing = time.isna() | ~np.isfinite(time.fillna(0.0))
+    if missing.any():
+        raise ManifestError(
+            f"Survival time column {time_col!r} is missing or not a number for slide(s): {_rows(df, missing)}"
+        )
+    neg = time < 0
+    if neg.any():
+        raise ManifestError(
+            f"Survival time column {time_col!r} has negative time(s) {sorted(time[neg].tolist())[:5]} for slide(s): {_rows(df, neg)}"
+        )
+    ev = df[event_col].astype(str).str.strip().map(EVENT_VALUES)
+    bad = ev.isna()
+    if bad.any():
+        raise ManifestError(
+            f"Event column {event_col!r} must be 1 (event) or 0 (censored); found {sorted(set(df.loc[bad, event_col].astype(str)))[:5]} for slide(s): {_rows(df, bad)}"
+        )
+    if "case_id" in df:
+        per_case = pd.DataFrame({"c": df["case_id"], "t": time, "e": ev}).groupby("c").nunique()
+        split = per_case[(per_case["t"] > 1) | (per_case["e"] > 1)]
+        if len(split):
+            raise ManifestError(
+                f"Patient(s) whose slides disagree on {time_col!r}/{event_col!r}: {', '.join(map(str, split.index[:5]))}; follow-up is per patient"
+            )
+    if ev.sum() == 0:
+        raise ManifestError(
+            f"Event column {event_col!r} has no events (all {len(df)} rows censored): a survival model cannot be fit or scored"
+        )
+    return time.to_numpy(np.float64), ev.to_numpy(np.int64)
+
+
 def read_cohort_manifest(path: str | Path, slide_level_only: bool = False) -> pd.DataFrame:
     """``read_manifest`` for commands that split a cohort into folds (``mil train``, ``probe``):
     ``case_id`` is required, because without patients slides of one patient can land in different folds. ``slide_level_only`` accepts a

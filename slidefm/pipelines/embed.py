@@ -209,6 +209,7 @@ def run_embed(
     dev = pick_device(device)
     enc.to(dev)
     ds = FeatureBagDataset(features, slide_ids=slide_ids, max_tiles=max_tiles, seed=seed)
+    from slidefm.io.provenance import is_random, random_weight_notes, tile_encoder_info
     from slidefm.models.registry import is_published
 
     published = is_published(enc)  # published: checked per slide (width, tile encoder)
@@ -217,8 +218,10 @@ def run_embed(
             f"features are {ds.slide(0).features.shape[1]}-d but the encoder expects "
             f"{enc.config.input_dim}-d inputs; use an encoder trained on these tile features"
         )
-    if prov["weights"] == "random":
-        log.warning("RANDOM WEIGHTS: these slide embeddings come from an untrained encoder")
+    tile_info = tile_encoder_info(ds.paths[0])
+    info = {**tile_info, "slide_encoder_weights": "random" if is_random(prov["weights"]) else ""}
+    for note in random_weight_notes(info):
+        log.warning("RANDOM WEIGHTS: %s", note)
     if published:
         enc.eval()
         ids, emb = embed_published(enc, ds, dev, precision, max_tiles, seed, progress)
@@ -228,13 +231,14 @@ def run_embed(
         **prov,
         "seed": seed,
         "features_dir": str(Path(features).resolve()),
-        "tile_encoder": str(ds.slide(0).attrs.get("encoder", "unknown")),
+        **tile_info,  # tile_encoder, tile_encoder_weights ("random" or name@sha256:…)
         "max_tiles": max_tiles if max_tiles else 0,
         "embed_dim": int(emb.shape[1]),
     }
     path = write_embeddings(out, ids, emb, attrs)
-    note = " (RANDOM WEIGHTS, not pretrained)" if prov["weights"] == "random" else ""
-    print(f"wrote {len(ids)} slide embeddings ({emb.shape[1]}-d) to {path}{note}")
+    print(f"wrote {len(ids)} slide embeddings ({emb.shape[1]}-d) to {path}")
+    for note in random_weight_notes(info):
+        print(f"NOTE: {note}")
     return path
 
 

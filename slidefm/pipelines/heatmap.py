@@ -1,7 +1,9 @@
 """``slidefm heatmap``: where a trained MIL model looks on one slide.
 
 Per-tile scores (ABMIL attention, or gradient × input for models without attention) →
-``<slide_id>_heatmap.png`` over the thumbnail, ``<slide_id>_tiles.geojson`` for QuPath
+``<slide_id>_heatmap.png`` over the thumbnail (colour bar with the score's meaning and range,
+title with the model, predicted class and probability, scale bar; ``--normalize rank|raw``),
+``<slide_id>_thumbnail.jpg``, ``<slide_id>_tiles.geojson`` for QuPath
 (File › Import objects; tiles are detections coloured by score, with the score as a
 measurement), ``<slide_id>_scores.csv`` and ``<slide_id>_heatmap.json`` (provenance).
 """
@@ -88,20 +90,52 @@ def score_slide(
     return {"scores": scores, "kind": kind, "class": cls, "classes": classes, "probabilities": prob}
 
 
+def score_label(kind: str, cls: str, mode: str) -> str:
+    """What the colour bar measures, in words."""
+    what = (
+        "attention weight (share of the slide's prediction; sums to 1)"
+        if kind == "attention"
+        else f"gradient × input for {cls!r} (> 0 pushes towards it)"
+    )
+    if mode == "rank":
+        return f"{what.split(' (')[0]}: percentile rank among this slide's tiles"
+    if mode == "minmax":
+        return f"{what.split(' (')[0]}, rescaled to [0, 1] (min → max)"
+    return what
+
+
+def slide_weights(meta: dict) -> str:
+    enc = meta.get("slide_encoder") or {}
+    return str(enc.get("weights", "")) if isinstance(enc, dict) else ""
+
+
+def figure_title(sid: str, meta: dict, classes: list[str], cls: int, prob, kind: str) -> str:
+    """``<slide>: <model> for <label> / predicted <class> (p = 0.93), showing …``."""
+    label = "+".join(meta["task"].get("labels", [])) or "label"
+    shown = "attention" if kind == "attention" else f"attribution to {classes[cls]!r}"
+    return (
+        f"{sid}: {meta.get('model', 'MIL')} model for {label}\n"
+        f"predicted {classes[int(prob.argmax())]!r} (p = {prob.max():.2f}); "
+        f"showing {shown} (p({classes[cls]}) = {prob[cls]:.2f})"
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     import pandas as pd
     from PIL import Image
 
     from slidefm.eval.heatmap import (
-        normalize_scores,
-        render_heatmap,
+        display_range,
+        heatmap_figure,
         slide_thumbnail,
         tiles_geojson,
         write_geojson,
+        write_jpeg,
         write_png,
     )
     from slidefm.eval.report import write_csv, write_json
     from slidefm.io.features import check_encoder_matches, read_features
+    from slidefm.io.provenance import figure_note
     from slidefm.models.mil import load_mil_checkpoint
 
     seed_everything(args.seed)
@@ -113,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
     res = score_slide(model, meta, sf, args.target, pick_device(args.device))
     scores, kind, cls = res["scores"], res["kind"], res["class"]
     classes, prob = res["classes"], res["probabilities"]
-    disp = normalize_scores(scores, args.normalize)
+    disp = display_range(scores, args.normalize)[0]
     s = float(sf.attrs["patch_size_level0"])
     out = Path(args.out)
     sid = sf.slide_id
@@ -146,11 +180,27 @@ def run(args: argparse.Namespace) -> int:
     paths["scores"] = write_csv(scores_df, out / f"{sid}_scores.csv")
     if args.slide:
         thumb, scale = slide_thumbnail(args.slide, args.max_size)
-        paths["thumbnail"] = write_png(Image.fromarray(thumb), out / f"{sid}_thumbnail.png")
-        paths["heatmap"] = write_png(
-            render_heatmap(thumb, scale, sf.coords, s, disp, alpha=args.alpha, cmap=args.cmap),
-            out / f"{sid}_heatmap.png",
+        paths["thumbnail"] = write_jpeg(Image.fromarray(thumb), out / f"{sid}_thumbnail.jpg")
+        fig = heatmap_figure(
+            thumb,
+            scale,
+            sf.coords,
+            s,
+            scores,
+            mode=args.normalize,
+            title=figure_title(sid, meta, classes, cls, prob, kind),
+            score_label=score_label(kind, classes[cls], args.normalize),
+            level0_mpp=sf.attrs.get("level0_mpp"),
+            note=figure_note(
+                {
+                    "tile_encoder_weights": sf.attrs.get("encoder_weights"),
+                    "slide_encoder_weights": slide_weights(meta),
+                }
+            ),  # fmt: skip
+            cmap=args.cmap,
+            alpha=args.alpha,
         )
+        paths["heatmap"] = write_png(fig, out / f"{sid}_heatmap.png")
     info = {
         "slide_id": sid,
         "slide": args.slide,
@@ -160,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
         "class": classes[cls],
         "probabilities": dict(zip(classes, map(float, prob))),
         "normalize": args.normalize,
+        "tile_encoder_weights": str(sf.attrs.get("encoder_weights", "unknown")),
         "patch_size_level0": s,
         "num_tiles": int(len(scores)),
         "seed": args.seed,
@@ -187,13 +238,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--target", help="class to explain (default: the predicted class)")
     p.add_argument(
         "--normalize",
-        choices=["rank", "minmax"],
+        choices=["rank", "raw", "minmax"],
         default="rank",
-        help="display scaling (default: percentile rank)",
+        help="colours: percentile rank among the slide's tiles (default), the raw scores "
+        "(colour bar in score units; signed scores centred on 0), or raw rescaled to [0, 1]",
     )
-    p.add_argument("--max-size", type=int, default=2048, help="thumbnail longer side in pixels")
+    p.add_argument(
+        "--max-size", type=int, default=1536, help="thumbnail longer side in pixels (1536)"
+    )
     p.add_argument("--alpha", type=float, default=0.5, help="heatmap opacity")
-    p.add_argument("--cmap", default="jet", help="matplotlib colormap")
+    p.add_argument(
+        "--cmap", default=None, help="matplotlib colormap (default: jet; coolwarm for signed raw)"
+    )
     p.add_argument("--device", default="auto")
     add_common(p)
     p.set_defaults(func=run)

@@ -74,6 +74,11 @@ class MILConfig:
     num_workers: int = 0
     cache_gb: float = 8.0
     standardize: bool = True
+    # --task survival (configs/mil/survival.yaml): cox | nll, time bins of nll, its weight on
+    # uncensored patients; val_metric may then also be c_index.
+    survival_loss: str = "cox"
+    survival_bins: int = 4
+    survival_alpha: float = 0.0
 
     def validate(self) -> None:
         if self.model not in MIL_MODELS:
@@ -82,8 +87,8 @@ class MILConfig:
             )
         if self.balance not in ("weights", "sampler", "none"):
             raise ValueError(f"balance must be weights, sampler or none, not {self.balance!r}")
-        if self.val_metric not in ("loss", "auroc"):
-            raise ValueError(f"val_metric must be loss or auroc, not {self.val_metric!r}")
+        if self.val_metric not in ("loss", "auroc", "c_index"):
+            raise ValueError(f"val_metric must be loss, auroc or c_index, not {self.val_metric!r}")
         if self.model == "slide_encoder" and not self.slide_encoder:
             raise ValueError(
                 "--model slide_encoder needs --slide-encoder CHECKPOINT (or a config name for random init)"
@@ -249,8 +254,9 @@ def predict_bags(
     batch_size: int,
     device: torch.device,
     multilabel: bool,
+    raw: bool = False,
 ) -> np.ndarray:
-    """(len(dataset), C) probabilities; bags are used whole (every tile)."""
+    """(len(dataset), C) probabilities (``raw``: logits); bags are used whole (every tile)."""
     import torch
 
     from slidefm.models.mil import probabilities
@@ -260,7 +266,9 @@ def predict_bags(
         dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate
     )
     out = [
-        probabilities(forward_batch(model, _to(b, device))["logits"], multilabel).cpu()
+        (lambda z: z.float() if raw else probabilities(z, multilabel))(
+            forward_batch(model, _to(b, device))["logits"]
+        ).cpu()
         for b in loader
     ]
     return torch.cat(out).numpy().astype(np.float64)
@@ -348,6 +356,7 @@ def train_fold(
     cfg: MILConfig,
     out_dir: Path,
     seed: int,
+    objective: Any = None,
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
     """Train on ``idx["train"]`` with the project's ``Trainer`` (AdamW, warmup + cosine);
     after every epoch the validation score (−loss or AUROC on ``idx["val"]``) picks the best
@@ -355,6 +364,9 @@ def train_fold(
     every ``CKPT_EPOCHS`` epochs and the early-stopping state (``best.pt``,
     ``early_stopping.json``) lives beside it, so an interrupted fold resumes; a fold folder
     left by a different config is cleared first. Returns the best-epoch model and its meta.
+
+    ``objective`` (survival, ``models.survival.SurvivalObjective``) replaces the classification
+    loss, head width and validation score; ``y`` then holds its (N, 3) targets.
     """
     import torch
 
@@ -364,7 +376,8 @@ def train_fold(
     from slidefm.train.loop import CKPT_RE, TrainConfig, Trainer, latest_checkpoint
 
     seed_everything(seed)
-    model, kwargs, enc_weights = _build_model(cfg, bags.dim, task.num_classes)
+    n_out = task.num_classes if objective is None else objective.num_outputs
+    model, kwargs, enc_weights = _build_model(cfg, bags.dim, n_out)
     standardize = cfg.standardize and cfg.model != "slide_encoder"
     if standardize:
         mean, std = feature_stats(bags, idx["train"])
@@ -395,7 +408,7 @@ def train_fold(
             BagDataset(bags, idx["train"], y, cfg.max_tiles, seed),
             BagDataset(bags, idx["val"], y),
         )
-    if cfg.balance == "sampler":
+    if cfg.balance == "sampler" and objective is None:
         if task.multilabel:
             raise ValueError("balance=sampler needs a single-label task; use balance=weights")
         w = class_weights(torch.as_tensor(y_tr), task.num_classes)[torch.as_tensor(y_tr)]
@@ -412,7 +425,7 @@ def train_fold(
             generator=g,
         )
     else:
-        if cfg.balance == "weights":
+        if cfg.balance == "weights" and objective is None:
             weight = class_weights(torch.as_tensor(y_tr), task.num_classes, task.multilabel).to(
                 device
             )
@@ -444,10 +457,18 @@ def train_fold(
 
     def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
         logits = forward_batch(m, batch)["logits"]
+        if objective is not None:
+            return objective(logits, batch["label"]), {}
         return mil_loss(logits, batch["label"], task.multilabel, weight), {}
 
     def eval_fn(m: torch.nn.Module) -> dict[str, float]:
-        score, metrics = _val_score(m, val_set, y[idx["val"]], cfg, device, task, weight)
+        if objective is not None:
+            from slidefm.eval.survival import survival_val_score
+
+            logits = predict_bags(m, val_set, cfg.eval_batch_size, device, False, raw=True)
+            score, metrics = survival_val_score(objective, logits, y[idx["val"]], cfg.val_metric)
+        else:
+            score, metrics = _val_score(m, val_set, y[idx["val"]], cfg, device, task, weight)
         epoch = len(es["history"])
         es["history"].append(
             {"epoch": epoch, "step": (epoch + 1) * steps_per_epoch, "score": score, **metrics}
@@ -488,10 +509,11 @@ def train_fold(
     meta = {
         "model": cfg.model,
         "in_dim": bags.dim,
-        "num_classes": task.num_classes,
+        "num_classes": n_out,
         "model_kwargs": kwargs,
         "standardize": standardize,
         "task": task.to_dict(),
+        "survival": None if objective is None else objective.to_dict(),
         "best_epoch": es["best_epoch"],
         "epochs_run": len(es["history"]),
         "val": es.get("best_metrics", {}),
@@ -611,12 +633,15 @@ def run_cv(
             model, BagDataset(bags, idx["test"], y), cfg.eval_batch_size, device, task.multilabel
         )
         preds = prediction_frame(df.iloc[idx["test"]], y[idx["test"]], task, seed, fold, prob)
+        seen = np.concatenate([idx["train"], idx["val"]])  # fitted on, or early-stopped on
         meta.update(
             seed=int(seed),
             fold=int(fold),
             config=dataclasses.asdict(cfg),
             config_hash=chash,
             features=bags.attrs,
+            train_slide_ids=df["slide_id"].astype(str).iloc[seen].tolist(),
+            train_case_ids=sorted(set(df["case_id"].astype(str).iloc[seen])),
         )
         save_mil_checkpoint(fold_dir / "model.pt", model, meta)
         write_json(meta, fold_dir / "meta.json")
@@ -638,6 +663,12 @@ def provenance_notes(bags: Bags, cfg: MILConfig, enc_weights: str | None) -> lis
 
 
 def run_train(args: argparse.Namespace) -> int:
+    if getattr(args, "task", "classification") == "survival":
+        from slidefm.pipelines.mil_survival import run_train_survival
+
+        return run_train_survival(args)
+    if not args.label:
+        raise ValueError("mil train needs --label COL (or --task survival --time COL --event COL)")
     from slidefm.eval.report import evaluate_predictions, format_summary, write_csv, write_report
     from slidefm.eval.targets import (
         aggregate_patients,
@@ -721,6 +752,10 @@ def run_predict(args: argparse.Namespace) -> int:
             f"No model.pt under {ckpt}; pass a fold checkpoint or a `mil train` output folder"
         )
     models = [load_mil_checkpoint(f) for f in files]
+    if models[0][1].get("survival"):
+        raise ValueError(
+            f"{ckpt} holds survival models: `mil predict` scores classifiers only; out-of-fold risks are in its patient_predictions.csv"
+        )
     task = Task.from_dict(models[0][1]["task"])
     if any(Task.from_dict(m["task"]) != task for _, m in models):
         raise ValueError(f"Checkpoints under {ckpt} predict different tasks; pass one checkpoint")
@@ -734,6 +769,7 @@ def run_predict(args: argparse.Namespace) -> int:
     check_encoder_matches(paths[0], bags.attrs, models[0][1].get("features", {}), files[0])
     has_label = all(c in df for c in task.labels)
     y = encode_targets(df, task) if has_label else np.zeros(len(df), dtype=np.int64)
+    seen = seen_in_training(df, [m for _, m in models])
     device = pick_device(args.device)
     ds = BagDataset(bags, np.arange(len(df)), y)
     prob = np.mean(
@@ -746,28 +782,63 @@ def run_predict(args: argparse.Namespace) -> int:
         parts.append(target_frame(y, task))
     parts.append(pd.DataFrame(prob, columns=task.prob_columns))
     preds = pd.concat(parts, axis=1)
+    preds["seen_in_training"] = seen
     if not task.multilabel:
         preds["pred"] = [task.classes[i] for i in prob.argmax(1)]
     if args.patient_level:
         preds = aggregate_patients(
-            preds.assign(seed=0, fold=0).drop(columns=["pred"], errors="ignore"), task
+            preds.assign(seed=0, fold=0).drop(columns=["pred", "seen_in_training"]), task
         ).drop(columns=["seed", "fold"])
+        preds["seen_in_training"] = preds["case_id"].isin(set(df["case_id"].astype(str)[seen]))
     out = Path(args.out)
     write_csv(preds, out)
     print(f"{len(preds)} prediction(s) from {len(models)} model(s) → {out}")
-    if has_label and len(np.unique(y if y.ndim == 1 else y[:, 0])) > 1:
-        res = evaluate_predictions(preds.assign(seed=0, fold=0), task, n_boot=1000, seed=args.seed)
+    scored = preds
+    if preds["seen_in_training"].any():
+        n_seen, n = int(preds["seen_in_training"].sum()), len(preds)
+        if args.include_seen:
+            print(f"WARNING: {n_seen} of {n} rows were in these models' training/validation data "
+                  "and are scored (--include-seen): the metrics overestimate performance")  # fmt: skip
+        else:
+            scored = preds[~preds["seen_in_training"]]
+            print(f"WARNING: {n_seen} of {n} rows were in these models' training/validation data "
+                  f"(seen_in_training in the CSV): metrics cover the {len(scored)} held-out rows "
+                  "only (--include-seen scores all)")  # fmt: skip
+    y_s = scored[task.target_columns].to_numpy() if has_label else np.zeros((0, 1))
+    if has_label and len(np.unique(y_s[:, 0])) > 1:
+        res = evaluate_predictions(
+            scored.drop(columns=["seen_in_training"]).assign(seed=0, fold=0),
+            task,
+            n_boot=1000,
+            seed=args.seed,
+        )
         write_json(
             {
                 "command": "mil predict",
                 "checkpoints": [str(f) for f in files],
                 "seed": args.seed,
+                "scored_rows": len(scored),
+                "seen_rows_scored": int(scored["seen_in_training"].sum()),
                 **res,
             },
             out.with_suffix(".metrics.json"),
         )
         print(format_summary(res))
+    elif has_label:
+        print("no metrics: the held-out rows do not have both classes")
     return 0
+
+
+def seen_in_training(df: pd.DataFrame, metas: list[dict[str, Any]]) -> np.ndarray:
+    """[N] bool: rows whose slide or patient any of the models trained (or early-stopped) on;
+    checkpoints written before this was recorded know none."""
+    import pandas as pd
+
+    slides = {s for m in metas for s in m.get("train_slide_ids", [])}
+    cases = {c for m in metas for c in m.get("train_case_ids", [])}
+    ids = df["slide_id"].astype(str)
+    case = df["case_id"].astype(str) if "case_id" in df else pd.Series([None] * len(df))
+    return (ids.isin(slides) | case.isin(cases)).to_numpy()
 
 
 # What ``mil train`` writes into --out (discarded by --overwrite).
@@ -830,8 +901,9 @@ def parse_seeds(s: str) -> list[int]:
 
 
 def config_from_args(args: argparse.Namespace) -> MILConfig:
+    default = "survival" if getattr(args, "task", None) == "survival" else "default"
     base = apply_flags(
-        load_yaml(resolve_config_path(args.config or "default", "mil")), args, FLAG_TO_FIELD
+        load_yaml(resolve_config_path(args.config or default, "mil")), args, FLAG_TO_FIELD
     )
     if getattr(args, "finetune", False):
         base["freeze_encoder"] = False
@@ -854,8 +926,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--manifest", required=True, help="CSV with slide_id, case_id and the label column(s)"
     )
     t.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files")
+    t.add_argument("--label", help="label column, or COL1,COL2,… (0/1 each) for multi-label")
     t.add_argument(
-        "--label", required=True, help="label column, or COL1,COL2,… (0/1 each) for multi-label"
+        "--task",
+        choices=("classification", "survival"),
+        default="classification",
+        help="survival: right-censored follow-up from --time/--event (configs/mil/survival.yaml)",
+    )
+    t.add_argument("--time", help="survival: follow-up time column (days, months, …; ≥ 0)")
+    t.add_argument("--event", help="survival: event column (1 = event, 0 = censored)")
+    t.add_argument(
+        "--horizons",
+        help="survival: comma-separated times for time-dependent AUC (default: event-time quartiles)",
     )
     t.add_argument("--classes", help="comma-separated class order; other label values are an error")
     t.add_argument("--model", choices=MIL_MODELS, default=None)
@@ -905,6 +987,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--features", required=True)
     q.add_argument("--out", required=True, help="predictions CSV")
     q.add_argument("--patient-level", action="store_true")
+    q.add_argument(
+        "--include-seen",
+        action="store_true",
+        help="score rows the models trained on too (left out of the metrics by default)",
+    )
     q.add_argument("--device", default="auto")
     q.add_argument("--no-progress", action="store_true")
     add_common(q)

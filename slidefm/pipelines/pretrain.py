@@ -110,6 +110,7 @@ def run_pretrain(
     ``overwrite`` (see ``train.run_dir.claim_run_dir``)."""
     from slidefm.eval.rankme import rankme
     from slidefm.io.bags import FeatureBagDataset, collate_bags
+    from slidefm.io.provenance import random_weight_notes, tile_encoder_info
     from slidefm.models.pretrain import MaskedFeatureModel, PretrainConfig, feature_stats
     from slidefm.models.slide_encoder import SlideEncoder
     from slidefm.train.data import make_loader, training_bags
@@ -151,7 +152,11 @@ def run_pretrain(
         "num_train_slides": len(train_ids),
         "holdout_slides": hold_ids,
         "rankme_on": "holdout" if hold_ids else "train (too few slides for a holdout)",
+        **tile_encoder_info(ds.paths[0]),
+        "slide_encoder_weights": "pretrained (this run)",
     }
+    for note in random_weight_notes(info):
+        log.warning("RANDOM WEIGHTS: %s", note)
     if dist_info()[0] == 0:
         claim_run_dir(out, identity, overwrite, (*TRAIN_OUTPUTS, "encoder.pt"))
     seed_everything(seed)
@@ -186,9 +191,10 @@ def run_pretrain(
         _, z = embed_dataset(m.encoder, eval_ds)
         return {"rankme": rankme(z), "embedding_std": float(z.std(axis=0).mean())}
 
-    finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step)
+    title = f"slidefm pretrain ({config}, seed {seed}): {out.name}"
+    finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step, title=title)
     if rank == 0 and finished:
-        extra = {"pretrain_config": cfgd}
+        extra = {"pretrain_config": cfgd, **tile_encoder_info(ds.paths[0])}
         save_final(out, info, encoder.save_checkpoint, "encoder.pt", "encoder_checkpoint", extra)
     return info
 
@@ -209,6 +215,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from slidefm.io.provenance import random_weight_notes
+
     if not args.config:
         raise ValueError("pass --config (e.g. tiny or titan_like under configs/pretrain/)")
     info = run_pretrain(
@@ -229,4 +237,6 @@ def run(args: argparse.Namespace) -> int:
         f"loss {final.get('loss', float('nan')):.4g}, RankMe {final.get('rankme', float('nan')):.3g}"
         f" ({info['rankme_on']}); encoder: {info.get('encoder_checkpoint', 'not yet (stopped)')}"
     )
+    for note in random_weight_notes(info):
+        print(f"NOTE: {note}")
     return 0

@@ -72,6 +72,13 @@ def run(args: argparse.Namespace) -> int:
     from slidefm.io.embeddings import read_embeddings
     from slidefm.io.manifest import read_cohort_manifest, strip_labels
 
+    if getattr(args, "task", "classification") == "survival":
+        from slidefm.pipelines.probe_survival import run_survival_probe
+
+        return run_survival_probe(args)
+    if not args.label:
+        raise ValueError("probe needs --label COL (or --task survival --time COL --event COL)")
+
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     probes = [p.strip() for p in args.probes.split(",") if p.strip()]
@@ -191,7 +198,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--manifest", required=True, help="CSV with slide_id, case_id and the label column"
     )
-    p.add_argument("--label", required=True, help="label column")
+    p.add_argument("--label", help="label column (classification)")
+    p.add_argument(
+        "--task",
+        choices=("classification", "survival"),
+        default="classification",
+        help="survival: an L2-penalised Cox model on the embeddings (--time, --event)",
+    )
+    p.add_argument("--time", help="survival: follow-up time column (≥ 0)")
+    p.add_argument("--event", help="survival: event column (1 = event, 0 = censored)")
+    p.add_argument(
+        "--horizons", help="survival: times for time-dependent AUC (default: event-time quartiles)"
+    )
     add_slide_level_only(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(

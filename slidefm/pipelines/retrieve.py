@@ -37,10 +37,13 @@ from slidefm.eval.retrieval import (
     search_excluding,
 )
 from slidefm.io.atomic import atomic_path
+from slidefm.io.provenance import random_weight_notes
 from slidefm.pipelines.align import case_reports, first_report, slide_embeddings
 from slidefm.pipelines.align_inputs import (
     add_input_args,
     add_run_args,
+    drop_training_patients,
+    input_provenance,
     load_model,
     manifest_rows,
     run_kwargs,
@@ -90,15 +93,27 @@ def run_retrieve(
     n_boot: int = 1000,
     seed: int = 0,
     device: str = "auto",
+    include_seen: bool = False,
 ) -> dict[str, Any]:
-    """Run the retrieval tasks and write the outputs; returns {task: metrics} + provenance."""
+    """Run the retrieval tasks and write the outputs; returns {task: metrics} + provenance.
+
+    Patients the checkpoint was trained on are left out unless ``include_seen`` (their
+    reports were memorised: retrieving them measures recall of the training set)."""
     import pandas as pd
     import torch
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model, prov = load_model(checkpoint, device, seed)
-    df = manifest_rows(manifest, split, label_column)
+    prov = input_provenance(prov, features, embeddings)
+    if not split:
+        log.warning(
+            "no --split: scoring every manifest row the checkpoint was not trained on; pass "
+            "--split test to score exactly the held-out test patients"
+        )
+    df, seen = drop_training_patients(manifest_rows(manifest, split, label_column), model,
+                                      include_seen)  # fmt: skip
+    prov.update(seen)
     tasks = list(tasks or [t for t in TASKS if t != "slide2slide" or label_column])
     bad = [t for t in tasks if t not in TASKS]
     if bad:
@@ -149,10 +164,12 @@ def run_retrieve(
             qids, groups = slide_ids, slide_case
             relevant = [{c} for c in slide_case]
             ranked, scores = report_index.search(zs, depth)
+            n_cand = [len(cases)] * len(qids)
         elif task == "report2slide":
             qids, groups = cases, cases
             relevant = [by_case[c] for c in cases]
             ranked, scores = slide_index.search(zt, depth)
+            n_cand = [len(slide_ids)] * len(qids)
         else:
             same = {}
             for s, d in zip(slide_ids, diag):
@@ -160,14 +177,25 @@ def run_retrieve(
             keep = [
                 i for i, (c, d) in enumerate(zip(slide_case, diag)) if same[d] - by_case[c]
             ]  # queries with at least one same-label slide of another patient
+            if not keep:
+                why = (
+                    f"no slide has a same-{label_column} slide of another patient among the "
+                    f"{len(slide_ids)} scored slides: nothing to retrieve"
+                )
+                log.warning("slide2slide skipped: %s", why)
+                results[task] = {"num_queries": {"value": 0.0, "lo": float("nan"),
+                                                 "hi": float("nan"), "skipped": why}}  # fmt: skip
+                continue
             qids = [slide_ids[i] for i in keep]
             groups = [slide_case[i] for i in keep]
             relevant = [same[diag[i]] - by_case[slide_case[i]] for i in keep]
             exclude = [by_case[slide_case[i]] for i in keep]
             ranked, scores = search_excluding(slide_index, zs[keep], depth, exclude)
+            n_cand = [len(slide_ids) - len(e) for e in exclude]
         metrics = retrieval_metrics(
-            ranked, relevant, ks=(1, 5, 10), groups=groups, n_boot=n_boot, seed=seed
-        )
+            ranked, relevant, ks=(1, 5, 10), groups=groups, n_boot=n_boot, seed=seed,
+            n_candidates=n_cand,
+        )  # fmt: skip
         results[task] = metrics
         if label_column and task != "slide2slide":  # looser: any item of the same diagnosis
             if task == "slide2report":
@@ -176,8 +204,9 @@ def run_retrieve(
             else:
                 rel = [{s for s, d in zip(slide_ids, diag) if d == diag[r[0]]} for r in case_rows]
             results[f"{task}_same_diagnosis"] = retrieval_metrics(
-                ranked, rel, ks=(1, 5, 10), groups=groups, n_boot=n_boot, seed=seed
-            )
+                ranked, rel, ks=(1, 5, 10), groups=groups, n_boot=n_boot, seed=seed,
+                n_candidates=n_cand,
+            )  # fmt: skip
         top = [r[:k] for r in ranked]
         frame = _neighbours_frame(qids, top, scores, relevant)
         with atomic_path(out / f"neighbours_{task}.csv") as tmp:
@@ -231,13 +260,27 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def format_retrieval(metrics: dict[str, dict[str, float]], names=("recall@1", "recall@5",
+def format_retrieval(metrics: dict[str, dict[str, Any]], names=("recall@1", "recall@5",
                      "recall@10", "mrr")) -> str:  # fmt: skip
-    return ", ".join(
-        f"{n} {metrics[n]['value']:.3f} [{metrics[n]['lo']:.3f}, {metrics[n]['hi']:.3f}]"
-        for n in names
-        if n in metrics
-    )
+    """``recall@1 0.450 [0.300, 0.600] (chance 0.125), …``; says what was omitted/skipped."""
+    parts = []
+    for n in names:
+        if n not in metrics:
+            continue
+        m = metrics[n]
+        chance = f" (chance {m['chance']:.3f})" if "chance" in m else ""
+        parts.append(f"{n} {m['value']:.3f} [{m['lo']:.3f}, {m['hi']:.3f}]{chance}")
+    if "omitted" in metrics:
+        o = metrics["omitted"]
+        parts.append(f"{', '.join(o['metrics'])} omitted ({o['reason']})")
+    skipped = metrics.get("num_queries", {}).get("skipped")
+    if skipped:
+        parts.append(f"skipped: {skipped}")
+    n = metrics.get("num_queries", {}).get("value")
+    if n and not skipped:
+        parts.append(f"{int(n)} queries over ≥ {int(metrics['num_candidates_min']['value'])} "
+                     "candidates" if "num_candidates_min" in metrics else f"{int(n)} queries")  # fmt: skip
+    return ", ".join(parts)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -256,11 +299,16 @@ def run(args: argparse.Namespace) -> int:
         queries=args.query,
         **run_kwargs(args),
     )
-    rnd = " [RANDOM slide encoder]" if info["slide_encoder_weights"] == "random" else ""
-    print(f"retrieval ({info['backend']}) over {info['num_slides']} slides{rnd}:")
+    held = "" if info.get("num_training_rows_scored") else ", held-out patients only"
+    print(f"retrieval ({info['backend']}) over {info['num_slides']} slides{held}:")
     for task, m in info["metrics"].items():
         print(f"  {task}: {format_retrieval(m)}")
     for row in info["text_queries"]:
         if row["rank"] == 1:
             print(f"  query {row['query']!r} → {row['slide_id']} ({row['diagnosis']})")
+    if info.get("num_training_rows_scored"):
+        print(f"WARNING: {info['num_training_rows_scored']} slides of training patients were "
+              "scored (--include-seen): the metrics overestimate performance")  # fmt: skip
+    for note in random_weight_notes(info):
+        print(f"NOTE: {note}")
     return 0

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from slidefm.io.atomic import atomic_path, clean_stale_tmp
+from slidefm.io.provenance import add_figure_note
 from slidefm.io.torch_file import CheckpointError, load_torch_file
 from slidefm.runtime import autocast, dist_info, pick_device, seed_everything
 from slidefm.train.data import ResumableSampler
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, float]]]
 Hook = Callable[["Trainer"], dict[str, float]]
 CKPT_RE = re.compile(r"^step_(\d+)\.pt$")
+BEST_CKPT = "best.pt"  # in checkpoints/: weights of the selected step (never matches CKPT_RE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +73,10 @@ class TrainConfig:
     resume: str = "auto"  # auto (latest checkpoint in out_dir) | none | path to a checkpoint
     progress: bool = True
     find_unused_parameters: bool = False  # DDP: set when some parameters get no gradient
+    # Model selection: the eval metric (an ``eval_fn`` key, e.g. "val_loss") whose best value
+    # picks the weights the run ends with; "" keeps the last step's weights.
+    select_metric: str = ""
+    select_mode: str = "min"  # min | max: which direction of select_metric is better
 
 
 def lr_factor(step: int, warmup_steps: int, max_steps: int, min_lr_ratio: float) -> float:
@@ -191,9 +197,13 @@ class Trainer:
         eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
         param_groups: list[dict[str, Any]] | None = None,
         hooks: Sequence[tuple[int, Hook]] = (),
+        title: str = "",
+        note: str = "",
     ):
         if cfg.accum_steps < 1 or cfg.max_steps < 1:
             raise ValueError("accum_steps and max_steps must be >= 1")
+        if cfg.select_mode not in ("min", "max"):
+            raise ValueError(f"select_mode must be min or max, not {cfg.select_mode!r}")
         self.cfg = cfg
         self.rank, self.world = dist_info()
         self.is_main = self.rank == 0
@@ -207,6 +217,8 @@ class Trainer:
                 self.module, device_ids=ids, find_unused_parameters=cfg.find_unused_parameters
             )
         self.loss_fn = loss_fn
+        self.title = title  # of the loss-curve PNG (e.g. "slidefm align: <out>")
+        self.note = note  # red caption under it (e.g. random-weight provenance)
         self.data = data
         self.eval_fn = eval_fn
         self.hooks = list(hooks)
@@ -228,6 +240,9 @@ class Trainer:
         self.rows: list[dict[str, Any]] = []
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
+        # {"metric", "mode", "value", "step"} of the best evaluation so far (select_metric).
+        self.best: dict[str, Any] | None = None
+        self.selection: dict[str, Any] | None = None  # set by fit() when a finished run selects
 
     # ----------------------------------------------------------------- data
     def _epoch_batches(self, epoch: int, skip: int) -> Iterable[Any]:
@@ -266,6 +281,7 @@ class Trainer:
             "world_size": self.world,
             "train_config": dataclasses.asdict(self.cfg),
             "metrics": self.rows,
+            "best": self.best,
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -295,6 +311,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_idx = state["step"], state["epoch"], state["batch_idx"]
         self.rows = [r for r in state["metrics"] if r["step"] <= self.step]
+        self.best = state.get("best")
         if state["world_size"] == self.world:
             set_rng_state(state["rng"][self.rank])
         else:
@@ -336,6 +353,83 @@ class Trainer:
             raise FileNotFoundError(f"resume checkpoint {r} not found")
         return Path(r)
 
+    # ------------------------------------------------------------ selection
+    @property
+    def best_path(self) -> Path:
+        return self.ckpt_dir / BEST_CKPT
+
+    def _is_better(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.best is None:
+            return True
+        return (
+            value < self.best["value"]
+            if self.cfg.select_mode == "min"
+            else value > self.best["value"]
+        )
+
+    def _update_best(self) -> None:
+        """After an eval: if ``select_metric`` improved, save this step's weights as best.pt.
+
+        A resumed run replays the steps after its checkpoint exactly, so an improvement it had
+        already saved (after the checkpoint) is re-found and re-saved with the same weights.
+        """
+        name = self.cfg.select_metric
+        row = self.rows[-1] if self.rows and self.rows[-1]["step"] == self.step else {}
+        if not name or name not in row or not self._is_better(float(row[name])):
+            return
+        self.best = {
+            "metric": name,
+            "mode": self.cfg.select_mode,
+            "value": float(row[name]),
+            "step": self.step,
+        }
+        if self.is_main:
+            with atomic_path(self.best_path) as tmp:
+                torch.save({"model": self.module.state_dict(), **self.best}, tmp)
+
+    def _sync_best(self) -> None:
+        """Eval runs on rank 0 only: every rank takes rank 0's view of the best step."""
+        if self.world > 1:
+            obj = [self.best]
+            dist.broadcast_object_list(obj, src=0)
+            self.best = obj[0]
+
+    def restore_best(self) -> dict[str, Any]:
+        """Load the selected step's weights into the model; returns what was selected.
+
+        {"metric", "mode", "value", "step", "last_step", "restored"}: ``restored`` is False
+        (and the last weights are kept, with a warning) when the metric was never evaluated.
+        """
+        name = self.cfg.select_metric
+        sel: dict[str, Any] = {"metric": name, "mode": self.cfg.select_mode, "last_step": self.step}
+        if self.world > 1:
+            dist.barrier()  # rank 0 wrote best.pt
+        if self.best is None or not self.best_path.is_file():
+            log.warning(
+                "select_metric %r was never evaluated (no validation data?): keeping the "
+                "weights of the last step %d",
+                name,
+                self.step,
+            )
+            return {**sel, "value": None, "step": self.step, "restored": False}
+        state = torch.load(self.best_path, map_location="cpu", weights_only=True)
+        if state["step"] != self.best["step"]:
+            raise RuntimeError(
+                f"{self.best_path} holds step {state['step']} but the best {name} was at step "
+                f"{self.best['step']}; the run folder was modified, re-run with a new --out"
+            )
+        self.module.load_state_dict(state["model"])
+        log.info(
+            "kept the weights of step %d (best %s %.4g) of %d steps",
+            self.best["step"],
+            name,
+            self.best["value"],
+            self.step,
+        )
+        return {**sel, **self.best, "restored": True}
+
     # -------------------------------------------------------------- logging
     def _row(self, step: int) -> dict[str, Any]:
         if not self.rows or self.rows[-1]["step"] != step:
@@ -352,7 +446,15 @@ class Trainer:
             w = csv.DictWriter(f, fieldnames=cols)
             w.writeheader()
             w.writerows(self.rows)
-        plot_loss_curve(self.rows, self.out_dir / "loss_curve.png")
+        sel = self.selection["step"] if self.selection and self.selection["restored"] else None
+        plot_loss_curve(
+            self.rows,
+            self.out_dir / "loss_curve.png",
+            title=self.title,
+            selected_step=sel,
+            selected_by=self.cfg.select_metric,
+            note=self.note,
+        )
 
     def _log(self, window: dict[str, list], pbar: tqdm) -> None:
         n = len(window["loss"])
@@ -458,6 +560,8 @@ class Trainer:
                 continue
             break
         pbar.close()
+        if self.cfg.select_metric and self.step >= cfg.max_steps:
+            self.selection = self.restore_best()
         self.write_metrics()
         return self.rows
 
@@ -469,6 +573,9 @@ class Trainer:
             self._log(window, pbar)
         if self.eval_fn is not None and ((cfg.eval_every and s % cfg.eval_every == 0) or final):
             self._run_side(lambda: self.eval_fn(self.module))
+            if cfg.select_metric:
+                self._update_best()
+                self._sync_best()
         for every, fn in self.hooks:
             if s % every == 0 or final:
                 self._run_side(lambda fn=fn: fn(self))
@@ -477,28 +584,80 @@ class Trainer:
             self.write_metrics()
 
 
-def plot_loss_curve(rows: list[dict[str, Any]], path: str | Path) -> Path:
-    """PNG of training loss (and any ``*loss*`` eval columns) and lr against step."""
+def plot_loss_curve(
+    rows: list[dict[str, Any]],
+    path: str | Path,
+    title: str = "",
+    selected_step: int | None = None,
+    note: str = "",
+    selected_by: str = "",
+) -> Path:
+    """PNG: losses (training solid, evaluations dashed with markers), other evaluation metrics
+    (e.g. validation Recall@K, RankMe) and the learning rate against optimizer step; a dotted
+    line marks the step whose weights the run kept (``selected_step``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, height_ratios=(3, 1))
-    loss_cols = [c for c in dict.fromkeys(k for r in rows for k in r) if "loss" in c]
-    for c in loss_cols:
-        pts = [(r["step"], r[c]) for r in rows if c in r]
-        ax.plot(*zip(*pts, strict=True), label=c, marker="." if len(pts) < 50 else None)
+    cols = list(dict.fromkeys(k for r in rows for k in r))
+    skip = {"step", "epoch", "lr", "time_s", "grad_norm"}
+    loss_cols = [c for c in cols if "loss" in c]
+
+    # Evaluation metrics (eval_fn / hooks): named val_*/eval_*/test_*, or logged only at some
+    # rows; per-step training extras (logit scale, batch accuracy) stay in metrics.csv only.
+    def _is_eval(c: str) -> bool:
+        return c.startswith(("val", "eval", "test")) or sum(c in r for r in rows) < len(rows)
+
+    eval_cols = [c for c in cols if c not in skip and c not in loss_cols and _is_eval(c)]
+    panels = 2 + bool(eval_cols)
+    ratios = (3, 2, 1) if eval_cols else (3, 1)
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 2.2 * panels + 1.2), sharex=True,
+                             height_ratios=ratios)  # fmt: skip
+    ax, ax_lr = axes[0], axes[-1]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+
+    def _series(c: str) -> tuple[list[float], list[float]]:
+        pts = [(r["step"], r[c]) for r in rows if c in r and r[c] is not None]
+        return ([p[0] for p in pts], [float(p[1]) for p in pts])
+
+    for i, c in enumerate(loss_cols):
+        xs, ys = _series(c)
+        is_eval = _is_eval(c)
+        label = c.replace("_", " ")
+        if c == "loss":
+            label = "training loss (mean over log window)"
+        ax.plot(xs, ys, label=label, color=colours[i % len(colours)],
+                ls="--" if is_eval else "-", marker="o" if is_eval or len(xs) < 30 else None,
+                ms=4, lw=1.6)  # fmt: skip
     ax.set_ylabel("loss")
     if loss_cols:
-        ax.legend()
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
-    lr = [(r["step"], r["lr"]) for r in rows if "lr" in r]
-    if lr:
-        ax_lr.plot(*zip(*lr, strict=True), color="tab:gray")
+    if eval_cols:
+        ax_m = axes[1]
+        for i, c in enumerate(eval_cols):
+            xs, ys = _series(c)
+            ax_m.plot(xs, ys, label=c.replace("_", " "), marker="o", ms=4,
+                      ls=("-", "--", ":", "-.")[i % 4], color=colours[(i + 3) % len(colours)])  # fmt: skip
+        ax_m.set_ylabel("evaluation")
+        ax_m.legend(fontsize=8)
+        ax_m.grid(alpha=0.3)
+    lr = _series("lr")
+    if lr[0]:
+        ax_lr.plot(*lr, color="tab:gray")
     ax_lr.set_xlabel("optimizer step")
-    ax_lr.set_ylabel("lr")
-    fig.tight_layout()
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.grid(alpha=0.3)
+    if selected_step is not None:
+        for a in axes:
+            a.axvline(selected_step, color="k", ls=":", lw=1.2)
+        why = f" (best {selected_by.replace('_', ' ')})" if selected_by else ""
+        ax.plot([], [], color="k", ls=":", label=f"kept weights: step {selected_step}{why}")
+        ax.legend(fontsize=8)
+    fig.suptitle(title or "training curves", fontsize=10)
+    fig.tight_layout(rect=(0, 0.03 if note else 0, 1, 1))
+    add_figure_note(fig, note)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)

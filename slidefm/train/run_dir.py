@@ -26,11 +26,16 @@ from torch.utils.data import DataLoader
 from slidefm.config import ConfigError, from_dict
 from slidefm.io.atomic import atomic_path
 from slidefm.io.features import CHECKSUM_ATTR
+from slidefm.io.provenance import figure_note
 from slidefm.train.loop import TrainConfig, Trainer
 
 RUN_CONFIG = "run_config.json"
 # Keys of the run info that every final model checkpoint records as provenance.
 PROVENANCE_KEYS = ("config_hash", "seed", "config_name", "steps")
+# ... and, when the run selected its weights by a validation metric, which step they are from.
+OPTIONAL_PROVENANCE_KEYS = ("selected",)
+
+
 # What pretrain / align write into their folder (discarded by --overwrite).
 TRAIN_OUTPUTS = ("checkpoints", RUN_CONFIG, "metrics.csv", "loss_curve.png")
 SMALL_FILE = 64 << 20  # hash whole files up to this size; larger ones by size + mtime
@@ -135,14 +140,28 @@ def fit_run(
     info: dict[str, Any],
     eval_fn: Callable[[Any], dict[str, float]],
     stop_at_step: int | None = None,
+    title: str = "",
 ) -> bool:
-    """Train ``model`` (its forward returns ``(loss, metrics)``), record ``steps`` and the
-    ``final`` metrics row in ``info``; True when the run reached ``max_steps`` (not stopped
-    early), i.e. when the caller should write its final model."""
-    trainer = Trainer(model, lambda mdl, batch: mdl(batch), loader, tcfg, eval_fn=eval_fn)
+    """Train ``model`` (its forward returns ``(loss, metrics)``), record ``steps``, the
+    ``final`` metrics row and, with ``tcfg.select_metric``, the ``selected`` step (whose
+    weights ``model`` then holds) in ``info``; True when the run reached ``max_steps`` (not
+    stopped early), i.e. when the caller should write its final model."""
+    trainer = Trainer(
+        model,
+        lambda mdl, batch: mdl(batch),
+        loader,
+        tcfg,
+        eval_fn=eval_fn,
+        title=title,
+        note=figure_note(info),
+    )
     rows = trainer.fit(stop_at_step=stop_at_step)
     info["steps"] = trainer.step
     info["final"] = rows[-1] if rows else {}
+    if trainer.selection is not None:
+        sel = trainer.selection
+        info["selected"] = sel
+        info["selected_metrics"] = next((r for r in rows if r["step"] == sel["step"]), {})
     return trainer.step >= tcfg.max_steps
 
 
@@ -158,6 +177,8 @@ def save_final(
     ``save_checkpoint``; provenance = the run's ``PROVENANCE_KEYS``, then ``extra``), record its
     path in ``info[info_key]`` and rewrite run_config.json. Call on rank 0 only."""
     path = out / name
-    save(path, {**{k: info[k] for k in PROVENANCE_KEYS}, **extra})
+    prov = {k: info[k] for k in PROVENANCE_KEYS}
+    prov.update({k: info[k] for k in OPTIONAL_PROVENANCE_KEYS if k in info})
+    save(path, {**prov, **extra})
     info[info_key] = str(path)
     write_json(out / RUN_CONFIG, info)

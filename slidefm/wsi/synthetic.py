@@ -29,9 +29,11 @@ from tqdm import tqdm
 from slidefm.config import config_hash
 from slidefm.io.atomic import atomic_path, clean_stale_tmp
 from slidefm.wsi.synthetic_layout import (
+    BACKGROUND,
     CELL_TYPES,
     IMMUNE_FRACTION,
     MASS_FRACTION,
+    NECROSIS,
     NECROSIS_FRACTION,
     RARE_NEGATIVE,
     RARE_POSITIVE,
@@ -40,6 +42,7 @@ from slidefm.wsi.synthetic_layout import (
 )
 from slidefm.wsi.synthetic_render import SITES, jitter_stain, render_slide
 from slidefm.wsi.synthetic_reports import SUBTYPE_REPORT_TERMS, make_report
+from slidefm.wsi.synthetic_survival import SURVIVAL_COLUMNS, plant_survival
 from slidefm.wsi.synthetic_tiff import write_pyramid_tiff
 
 __all__ = [
@@ -70,6 +73,7 @@ MANIFEST_COLUMNS = (
     "split",
     "site",
     "pen_marks",
+    *SURVIVAL_COLUMNS,
 )
 
 # Streams of the per-slide generators: np.random.default_rng([seed, slide_index, STREAM]).
@@ -86,6 +90,17 @@ class CohortOptions:
     jpeg_quality: int = 85
     compression: str = "jpeg"  # or "deflate"
     split: tuple[float, ...] = (0.6, 0.2, 0.2)  # train/val/test share of patients
+    # Planted survival (slidefm.wsi.synthetic_survival): log-hazard per unit of the spatial
+    # biomarker and per percentage point of necrosis tiles; median survival (months) at
+    # log-hazard 0; expected share of censored patients.
+    hazard_spatial: float = 2.0
+    hazard_necrosis: float = 0.3
+    median_months: float = 36.0
+    censoring: float = 0.3
+
+
+# Options that change only the survival columns (not pixels, labels, splits or reports).
+SURVIVAL_OPTIONS = ("hazard_spatial", "hazard_necrosis", "median_months", "censoring")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,7 +194,11 @@ def render_spec(spec: SlideSpec, seed: int, options: CohortOptions | None = None
 def _provenance(spec: SlideSpec, seed: int, opts: CohortOptions) -> str:
     """ImageDescription fields that identify what drew a slide (checked on resume): seed,
     the options that change pixels, and the slide's own plan (labels, site, pen)."""
-    pixel_opts = {k: v for k, v in dataclasses.asdict(opts).items() if k != "split"}
+    pixel_opts = {
+        k: v
+        for k, v in dataclasses.asdict(opts).items()
+        if k != "split" and k not in SURVIVAL_OPTIONS
+    }
     plan = {k: v for k, v in dataclasses.asdict(spec).items() if k != "split"}
     h = config_hash({"seed": seed, "options": pixel_opts, "slide": plan})
     return f"Source = slidefm synth-cohort|Seed = {seed}|Slide = {spec.slide_id}|Synth hash = {h}"
@@ -273,6 +292,8 @@ def generate_cohort(
         bar.update(1)
     bar.close()
 
+    layouts = [layout_of(s, seed, opts) for s in specs]
+    survival, survival_constants = _plant_survival(specs, layouts, seed, opts)
     reports = {}
     n_per_case = pd.Series([s.case_id for s in specs]).value_counts().to_dict()
     for s in specs:
@@ -295,6 +316,8 @@ def generate_cohort(
                 "split": s.split,
                 "site": s.site,
                 "pen_marks": s.pen_marks,
+                "survival_months": float(survival.at[s.case_id, "survival_months"]),
+                "survival_event": int(survival.at[s.case_id, "survival_event"]),
             }
             for s in specs
         ],
@@ -305,9 +328,79 @@ def generate_cohort(
         manifest[["case_id", "subtype", "report"]].drop_duplicates("case_id"), out / "reports.csv"
     )
     _write_csv(_cells_table(specs, seed, opts), out / "cells.csv")
+    _write_csv(survival.reset_index(), out / "survival.csv")
+    text = ground_truth_md(seed, n_slides, opts, manifest)
+    text += survival_md(opts, survival.reset_index(), survival_constants)
     with atomic_path(out / "GROUND_TRUTH.md") as tmp:
-        tmp.write_text(ground_truth_md(seed, n_slides, opts, manifest), encoding="utf-8")
+        tmp.write_text(text, encoding="utf-8")
     return manifest
+
+
+def necrosis_pct(layout: np.ndarray) -> float:
+    """100 × necrosis cells / tissue cells of one layout: the share of necrosis tiles."""
+    tissue = int(np.sum(layout != BACKGROUND))
+    return 100.0 * float(np.sum(layout == NECROSIS)) / max(tissue, 1)
+
+
+def _plant_survival(
+    specs: list[SlideSpec], layouts: list[np.ndarray], seed: int, opts: CohortOptions
+) -> tuple[pd.DataFrame, dict]:
+    """Per-patient survival truth (indexed by case_id) from the slides' layouts."""
+    per_slide = pd.DataFrame(
+        {
+            "case_id": [s.case_id for s in specs],
+            "case_index": [int(s.case_id.split("-")[1]) - 1 for s in specs],
+            "biomarker_spatial": [s.biomarker_spatial for s in specs],
+            "necrosis_pct": [necrosis_pct(lay) for lay in layouts],
+        }
+    )
+    cases = per_slide.groupby("case_id", sort=False).agg(
+        case_index=("case_index", "first"),
+        biomarker_spatial=("biomarker_spatial", "first"),
+        necrosis_pct=("necrosis_pct", "mean"),
+    )
+    truth, constants = plant_survival(
+        cases.reset_index(),
+        seed,
+        opts.hazard_spatial,
+        opts.hazard_necrosis,
+        opts.median_months,
+        opts.censoring,
+    )
+    return truth.set_index("case_id"), constants
+
+
+def survival_md(opts: CohortOptions, truth: pd.DataFrame, constants: dict) -> str:
+    """GROUND_TRUTH.md section on the planted survival, with the C-index of the true risk."""
+    from slidefm.eval.survival import concordance_index
+
+    t, e = truth["survival_months"], truth["survival_event"]
+    c_true = concordance_index(t, e, truth["log_hazard"])
+    c_spatial = concordance_index(t, e, truth["biomarker_spatial"])
+    c_nec = concordance_index(t, e, truth["necrosis_pct"])
+    return f"""
+## Survival
+Per patient (`survival_months`, `survival_event` in the manifest; `survival.csv` holds the
+truth per patient: necrosis_pct, log_hazard, event_time, censor_time), from a proportional-
+hazards model whose log-hazard is visible in the slides:
+
+    log-hazard = {opts.hazard_spatial:g} · biomarker_spatial + {opts.hazard_necrosis:g} · necrosis_pct
+    event time ~ Exponential(rate = λ₀ · exp(log-hazard)),  λ₀ = ln 2 / {opts.median_months:g} months = {constants["baseline_hazard_per_month"]:.6f} / month
+    censoring time ~ Exponential(rate μ = {constants["censoring_rate_per_month"]:.6f} / month), independent of everything
+    survival_months = min(event, censoring) rounded to 0.1 month; survival_event = 1 if the event came first
+
+`necrosis_pct` = 100 × necrosis cells / tissue cells, averaged over the patient's slides
+(range here {truth["necrosis_pct"].min():.2f}–{truth["necrosis_pct"].max():.2f}). μ is solved so that
+the expected censored share is {opts.censoring:g}; realised: {1 - e.mean():.3f} censored,
+{int(e.sum())} events among {len(truth)} patients. The spatial part is invisible to bag models
+(mean pooling, ABMIL); the necrosis part is a tile count any bag model can read.
+
+- **true-risk C-index** (Harrell, the log-hazard itself on the observed follow-up): **{c_true:.4f}**
+- C-index of biomarker_spatial alone: {c_spatial:.4f}; of necrosis_pct alone: {c_nec:.4f}
+
+Survival draws use their own per-patient generator (`[seed, case index, 3]`), so changing
+`--set hazard_spatial=…` (or the other survival options) changes only these columns.
+"""
 
 
 def _write_csv(df: pd.DataFrame, path: Path) -> None:
@@ -391,6 +484,6 @@ front). Reports avoid the zero-shot prompt phrasings ("an H&E image of …", "a 
 image showing …", "histopathology of …").
 
 ## Reproduce
-`slidefm synth-cohort --out DIR --n-slides {n_slides} --seed {seed} --cells {opts.cells} --cell-px {opts.cell_px} --pen-prob {opts.pen_prob} --quality {opts.jpeg_quality} --set compression={opts.compression} --set "split={list(opts.split)}"`
+`slidefm synth-cohort --out DIR --n-slides {n_slides} --seed {seed} --cells {opts.cells} --cell-px {opts.cell_px} --pen-prob {opts.pen_prob} --quality {opts.jpeg_quality} --set compression={opts.compression} --set "split={list(opts.split)}" --set hazard_spatial={opts.hazard_spatial} --set hazard_necrosis={opts.hazard_necrosis} --set median_months={opts.median_months} --set censoring={opts.censoring}`
 gives byte-identical files (any --workers, resumed or not).
 """
