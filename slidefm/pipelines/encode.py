@@ -363,7 +363,14 @@ def encode_slide(
         ds = info.level_downsamples[level]
     transform = macenko_normalize if cfg.stain_norm == "macenko" else None
     dataset = TileRegionDataset(
-        job.path, tiles, level, ds, cfg.region_tiles, mpp_override, transform
+        job.path,
+        tiles,
+        level,
+        ds,
+        cfg.region_tiles,
+        mpp_override,
+        transform,
+        min_regions=2 * max(1, cfg.num_workers),  # a small slide still feeds every worker
     )
     device = encoder.device
     loader = tile_loader(dataset, cfg.num_workers, pin_memory=device.type == "cuda")

@@ -18,7 +18,8 @@ from slidefm.io.atomic import atomic_path
 from slidefm.wsi.tiling import TileGrid
 
 MASK_COLOUR = (0, 170, 0)
-TILE_COLOUR = (30, 60, 220)
+TILE_COLOUR = (30, 60, 220)  # bright-field: blue boxes on pink/white
+TILE_COLOUR_DARK = (255, 200, 0)  # fluorescence: yellow boxes on a dark background
 NICE_UM = (50, 100, 200, 250, 500, 1000, 2000, 2500, 5000, 10000, 20000)
 
 
@@ -42,6 +43,14 @@ def scale_bar_um(width_px: int, um_per_px: float, fraction: float = 0.25) -> int
 
 
 def _font(size: int) -> ImageFont.ImageFont:
+    """DejaVu Sans (has 'µ'; shipped with matplotlib, a dependency) or Pillow's default."""
+    try:
+        import matplotlib
+
+        path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+        return ImageFont.truetype(str(path), size)
+    except (ImportError, OSError):
+        pass
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1 has one bitmap size only
@@ -67,10 +76,11 @@ def render_qc(
     img = Image.fromarray(arr)
     draw = ImageDraw.Draw(img)
     n_tiles = 0
+    tile_colour = TILE_COLOUR_DARK if info and info.modality == "fluorescence" else TILE_COLOUR
     if tiles is not None:
         ext = tiles.extent_level0 / scale
         for x, y in tiles.coords / scale:
-            draw.rectangle([x, y, x + ext, y + ext], outline=TILE_COLOUR)
+            draw.rectangle([x, y, x + ext, y + ext], outline=tile_colour)
         n_tiles = len(tiles)
     if info is None:
         return img
@@ -104,7 +114,7 @@ def render_qc(
         d.text((pad, y), line, fill="black", font=_font(fs + 2) if i == 0 else font)
         y += fs + pad
     x = pad
-    for colour, text in ((MASK_COLOUR, "tissue mask outline"), (TILE_COLOUR, "encoded tile")):
+    for colour, text in ((MASK_COLOUR, "tissue mask outline"), (tile_colour, "encoded tile")):
         d.rectangle([x, y + 2, x + fs, y + fs], outline=colour, width=max(2, fs // 6))
         d.text((x + fs + pad, y), text, fill="black", font=font)
         x += fs + pad * 3 + round(d.textlength(text, font=font))

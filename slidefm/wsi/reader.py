@@ -162,6 +162,7 @@ class SlideReader:
         mpp_override: float | None = None,
         backend: str = "auto",
         fast_level0: bool = True,
+        check_integrity: bool = True,
     ):
         self.path = Path(path)
         if not self.path.exists():
@@ -197,7 +198,7 @@ class SlideReader:
             fast_level0 and backend_used == "openslide" and self.info.vendor in FAST_LEVEL0_VENDORS
         )
         self._fast = None
-        if backend_used == "tiffslide" or self._fast_ok:
+        if check_integrity and (backend_used == "tiffslide" or self._fast_ok):
             # tifffile fills tiles it cannot find with zeros instead of failing: prove every
             # tile of every level lies inside the file, or refuse the slide.
             problem, note = check_tiff_tiles(self.path, self.info.level_count)
