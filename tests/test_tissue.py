@@ -12,11 +12,11 @@ from slidefm.wsi.tiling import make_tile_grid
 from slidefm.wsi.tissue import TissueConfig, detect_modality, fill_interior_holes, tissue_mask
 
 
-def _grid(path, mpp=None, cfg=TissueConfig()):
+def _grid(path, mpp=None, cfg=None):
     with SlideReader(path, mpp_override=mpp) as r:
         m = r.mpp
         thumb, scale = r.thumbnail(round(max(r.info.width, r.info.height) * m / 8.0))
-        mask = tissue_mask(thumb, scale * m, cfg)
+        mask = tissue_mask(thumb, scale * m, cfg or TissueConfig())
         return thumb, make_tile_grid(r.info.width, r.info.height, m, mask, scale, 0.5, 256)
 
 

@@ -125,9 +125,9 @@ def test_area_fraction_equals_naive_count():
         assert g == pytest.approx(naive)
 
 
-def _grid_for(r: SlideReader, target_mpp=0.5, patch=256, min_tissue=0.1, cfg=TissueConfig()):
+def _grid_for(r: SlideReader, target_mpp=0.5, patch=256, min_tissue=0.1, cfg=None):
     thumb, scale = r.thumbnail(512)
-    mask = tissue_mask(thumb, scale * r.mpp, cfg)
+    mask = tissue_mask(thumb, scale * r.mpp, cfg or TissueConfig())
     return (
         thumb,
         mask,
