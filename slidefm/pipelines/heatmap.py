@@ -27,6 +27,7 @@ from slidefm.eval.heatmap import (
 )
 from slidefm.eval.report import write_csv, write_json
 from slidefm.io.features import read_features
+from slidefm.io.manifest import check_slide_id
 from slidefm.models.mil import load_mil_checkpoint
 from slidefm.runtime import pick_device, seed_everything
 
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     disp = normalize_scores(scores, args.normalize)
     s = float(sf.attrs["patch_size_level0"])
     out = Path(args.out)
-    sid = sf.slide_id
+    sid = check_slide_id(sf.slide_id, f"{args.features} (attr slide_id)")
     name = f"{kind} ({classes[cls]})" if kind != "attention" else "attention"
     fc = tiles_geojson(
         sf.coords,
