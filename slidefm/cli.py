@@ -13,6 +13,7 @@ import sys
 PIPELINES = [
     "info",
     "encoders_cmd",
+    "slide_encoders_cmd",
     "encode",
     "mil",
     "probe",
@@ -24,6 +25,7 @@ PIPELINES = [
     "zero_shot",
     "retrieve",
     "synth",
+    "view",
 ]
 
 

@@ -524,6 +524,26 @@ def _adapt_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str
     return sd
 
 
+def state_dict_mismatch(own: dict[str, Any], sd: dict[str, Any]) -> str:
+    """Lines listing missing keys, unexpected keys and shape mismatches ("" when they match)."""
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [
+        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)
+    ]
+
+    def show(xs: list[str]) -> str:
+        return ", ".join(xs[:12]) + (f" … (+{len(xs) - 12})" if len(xs) > 12 else "")
+
+    return (
+        (f"\n  missing keys ({len(missing)}): {show(missing)}" if missing else "")
+        + (f"\n  unexpected keys ({len(unexpected)}): {show(unexpected)}" if unexpected else "")
+        + (f"\n  shape mismatches ({len(shapes)}): {show(shapes)}" if shapes else "")
+    )
+
+
 def load_weights(model: nn.Module, path: str | Path, name: str = "") -> nn.Module:
     """Strictly load a checkpoint into ``model``; a ValueError lists every key that disagrees.
 
@@ -531,24 +551,11 @@ def load_weights(model: nn.Module, path: str | Path, name: str = "") -> nn.Modul
     """
     sd = _adapt_state_dict(read_state_dict(path), model)
     own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [
-        f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in sd and sd[k].shape != own[k].shape
-    ]
-    if missing or unexpected or shapes:
-
-        def show(xs: list[str]) -> str:
-            return ", ".join(xs[:12]) + (f" … (+{len(xs) - 12})" if len(xs) > 12 else "")
-
+    problems = state_dict_mismatch(own, sd)
+    if problems:
         raise ValueError(
-            f"Checkpoint {path} does not match tile encoder {name!r}:"
-            + (f"\n  missing keys ({len(missing)}): {show(missing)}" if missing else "")
-            + (f"\n  unexpected keys ({len(unexpected)}): {show(unexpected)}" if unexpected else "")
-            + (f"\n  shape mismatches ({len(shapes)}): {show(shapes)}" if shapes else "")
-            + "\nIs this the right checkpoint for this encoder (see `slidefm encoders list`)?"
+            f"Checkpoint {path} does not match tile encoder {name!r}:{problems}"
+            "\nIs this the right checkpoint for this encoder (see `slidefm encoders list`)?"
         )
     sd = {k: v.to(own[k].dtype) for k, v in sd.items()}
     model.load_state_dict(sd, strict=True, assign=True)

@@ -29,7 +29,7 @@ from slidefm import __version__
 from slidefm.config import ConfigError, from_dict, load_yaml, resolve_config_path
 from slidefm.io.atomic import atomic_path
 from slidefm.models.alibi import alibi_slopes
-from slidefm.models.attention import BACKENDS, full_attention
+from slidefm.models.attention import BACKENDS, _hi, full_attention
 from slidefm.models.dilated import dilated_attention
 from slidefm.models.posenc import sincos_2d
 
@@ -172,16 +172,22 @@ class _GatedAttentionPool(nn.Module):
         self.score = nn.Linear(hidden, 1)
 
     def weights(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
-        """x: [B, N, d] → float32 [B, N] attention weights summing to 1 over real tiles."""
+        """x: [B, N, d] → [B, N] attention weights (≥ float32) summing to 1 over real tiles."""
         a = self.score(torch.tanh(self.value(x)) * torch.sigmoid(self.gate(x))).squeeze(-1)
-        a = a.float()
+        a = _hi(a)
         if padding_mask is not None:
             a = a.masked_fill(padding_mask, float("-inf"))
         return a.softmax(-1)
 
     def forward(self, x: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
+        return self.pool_values(x, x, padding_mask)
+
+    def pool_values(
+        self, x: torch.Tensor, values: torch.Tensor, padding_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Weights from x [B, N, d], applied to values [B, N, D] (CHIEF pools its inputs)."""
         w = self.weights(x, padding_mask)
-        return torch.einsum("bn,bnd->bd", w, x.float()).to(x.dtype)
+        return torch.einsum("bn,bnd->bd", w, _hi(values)).to(values.dtype)
 
 
 class SlideEncoder(nn.Module):
@@ -353,6 +359,24 @@ class SlideEncoder(nn.Module):
             return tiles.mean(1)
         keep = (~pad).unsqueeze(-1).to(tiles.dtype)
         return (tiles * keep).sum(1) / keep.sum(1).clamp(min=1)
+
+    @torch.no_grad()
+    def embed(
+        self,
+        features: torch.Tensor,
+        coords: torch.Tensor,
+        patch_size_level0: float,
+        readout: str | None = None,
+    ) -> torch.Tensor:
+        """The registry's common call: features [B, N, D], coords [B, N, 2] level-0 px (x, y),
+        tile side in level-0 px → [B, E]; grid = floor((coords − min) / patch_size_level0)."""
+        if readout not in (None, self.config.readout):
+            raise ValueError(
+                f"slide encoder {self.config.name!r} has readout {self.config.readout!r} only"
+            )
+        c = coords.to(torch.float64)
+        grid = torch.floor((c - c.amin(dim=1, keepdim=True)) / float(patch_size_level0) + 1e-6)
+        return self(features.to(self.input_mean.dtype), grid.to(torch.int64))
 
     def forward(
         self, features: torch.Tensor, grid: torch.Tensor, padding_mask: torch.Tensor | None = None

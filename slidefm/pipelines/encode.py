@@ -54,7 +54,7 @@ from slidefm.wsi.qc import QCInfo, save_qc
 from slidefm.wsi.reader import SLIDE_EXTENSIONS, SlideReader, SlideReadError, slide_id_from_path
 from slidefm.wsi.stain import macenko_normalize
 from slidefm.wsi.tiling import BORDER_MODES, EmptyTissueError, TileGrid, make_tile_grid
-from slidefm.wsi.tissue import TISSUE_MODES, TissueConfig, detect_modality, tissue_mask
+from slidefm.wsi.tissue import TISSUE_MODES, TissueConfig, detect_modality, slide_tissue_mask
 
 log = logging.getLogger(__name__)
 QC_MIN_SIZE = 1024  # px, longer side of the QC image
@@ -281,13 +281,9 @@ def check_out_dir(out_dir: Path) -> None:
 
 def _slide_view(reader: SlideReader, cfg: EncodeConfig):
     """(thumbnail, level-0 px per thumbnail px, tissue mask, modality) of an open slide."""
-    info, level0_mpp = reader.info, reader.mpp
     tcfg = cfg.tissue_config()
-    full_mpp_side = max(info.width, info.height) * level0_mpp
-    thumb, scale = reader.thumbnail(
-        max(64, min(tcfg.thumb_max_size, round(full_mpp_side / tcfg.thumb_mpp)))
-    )
-    return thumb, scale, tissue_mask(thumb, scale * level0_mpp, tcfg), detect_modality(thumb, tcfg)
+    thumb, mask, scale = slide_tissue_mask(reader, tcfg)
+    return thumb, scale, mask, detect_modality(thumb, tcfg)
 
 
 def _qc_thumb(reader: SlideReader, thumb: np.ndarray, scale: float):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -26,46 +27,55 @@ from slidefm.eval.heatmap import (
     write_png,
 )
 from slidefm.eval.report import write_csv, write_json
-from slidefm.io.features import read_features
+from slidefm.io.features import SlideFeatures, read_features
 from slidefm.io.manifest import check_slide_id
 from slidefm.models.mil import load_mil_checkpoint
 from slidefm.runtime import pick_device, seed_everything
+
+
+def score_slide(
+    model: torch.nn.Module,
+    meta: dict[str, Any],
+    sf: SlideFeatures,
+    target: str | None = None,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """One slide through a MIL model → {scores (N,), kind, class (index), classes,
+    probabilities (C,)}. ``target`` (a class name) defaults to the predicted class. Shared by
+    ``slidefm heatmap`` and the viewer so both show the same numbers."""
+    if sf.features.shape[1] != meta["in_dim"]:
+        raise ValueError(
+            f"{sf.slide_id} holds {sf.features.shape[1]}-d features but the model expects {meta['in_dim']}-d; use features from the tile encoder it was trained on"
+        )
+    classes = list(meta["task"]["classes"])
+    tgt = None
+    if target is not None:
+        if target not in classes:
+            raise ValueError(
+                f"--target {target!r} is not a class of this model; classes: {classes}"
+            )
+        tgt = classes.index(target)
+    model = model.to(device)
+    feats = torch.from_numpy(np.ascontiguousarray(sf.features, dtype=np.float32)).to(device)
+    grid = torch.from_numpy(sf.grid.astype(np.int64)).to(device)
+    scores, kind, cls = tile_scores(model, feats, grid, tgt)
+    with torch.no_grad():
+        logits = model(feats[None], grid[None])["logits"][0]
+    prob = (
+        (torch.sigmoid(logits) if meta["task"]["multilabel"] else torch.softmax(logits, -1))
+        .cpu()
+        .numpy()
+    )
+    return {"scores": scores, "kind": kind, "class": cls, "classes": classes, "probabilities": prob}
 
 
 def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     sf = read_features(args.features)
     model, meta = load_mil_checkpoint(args.checkpoint)
-    if sf.features.shape[1] != meta["in_dim"]:
-        raise ValueError(
-            f"{args.features} holds {sf.features.shape[1]}-d features but the model expects {meta['in_dim']}-d; use features from the tile encoder it was trained on"
-        )
-    classes = list(meta["task"]["classes"])
-    target = None
-    if args.target is not None:
-        if args.target not in classes:
-            raise ValueError(
-                f"--target {args.target!r} is not a class of this model; classes: {classes}"
-            )
-        target = classes.index(args.target)
-    device = pick_device(args.device)
-    model = model.to(device)
-    scores, kind, cls = tile_scores(
-        model,
-        torch.from_numpy(sf.features).to(device),
-        torch.from_numpy(sf.grid.astype(np.int64)).to(device),
-        target,
-    )
-    with torch.no_grad():
-        logits = model(
-            torch.from_numpy(sf.features)[None].to(device),
-            torch.from_numpy(sf.grid.astype(np.int64))[None].to(device),
-        )["logits"][0]
-    prob = (
-        (torch.sigmoid(logits) if meta["task"]["multilabel"] else torch.softmax(logits, -1))
-        .cpu()
-        .numpy()
-    )
+    res = score_slide(model, meta, sf, args.target, pick_device(args.device))
+    scores, kind, cls = res["scores"], res["kind"], res["class"]
+    classes, prob = res["classes"], res["probabilities"]
     disp = normalize_scores(scores, args.normalize)
     s = float(sf.attrs["patch_size_level0"])
     out = Path(args.out)

@@ -329,6 +329,11 @@ class SlideReader:
             img = img.resize((tw, th), Image.Resampling.BILINEAR, reducing_gap=2.0)
         return np.asarray(img), w / tw
 
+    @property
+    def handle(self) -> Any:
+        """The open OpenSlide (or tiffslide) object, for APIs built on it (Deep Zoom)."""
+        return self._slide
+
     def close(self) -> None:
         self._slide.close()
         if self._fast is not None:

@@ -14,6 +14,7 @@ scan is background, not a hole in the tissue.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -134,6 +135,20 @@ def fill_interior_holes(mask: np.ndarray, max_size: int) -> np.ndarray:
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     fill[border] = False
     return mask | fill[labels]
+
+
+def slide_tissue_mask(
+    reader: Any, cfg: TissueConfig = TissueConfig()
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Thumbnail (h, w, 3) at about ``cfg.thumb_mpp`` µm/px (≤ ``thumb_max_size``), its tissue
+    mask (h, w) bool and the scale (level-0 px per thumbnail px) of an open ``SlideReader``.
+    The one way encode-slides and the viewer find tissue on a whole slide."""
+    level0_mpp = reader.mpp
+    full_mpp_side = max(reader.info.width, reader.info.height) * level0_mpp
+    thumb, scale = reader.thumbnail(
+        max(64, min(cfg.thumb_max_size, round(full_mpp_side / cfg.thumb_mpp)))
+    )
+    return thumb, tissue_mask(thumb, scale * level0_mpp, cfg), scale
 
 
 def area_fraction(mask: np.ndarray, boxes: np.ndarray) -> np.ndarray:

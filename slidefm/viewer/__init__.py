@@ -1,0 +1,1 @@
+"""``slidefm view``: a local web viewer (FastAPI + OpenSeadragon) for slides and model outputs."""
