@@ -83,6 +83,20 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable / full output folder, a path that is a file, ...
+        if args.verbose:
+            raise
+        print(f"error: {e}", file=sys.stderr)  # OSError's text names the file
+        return 2
+    except Exception as e:  # last resort: one line, never a bare traceback
+        if args.verbose:
+            raise
+        print(
+            f"error: {type(e).__name__}: {e} (an unexpected error; run `slidefm -v "
+            f"{args.command} ...` for the traceback)",
+            file=sys.stderr,
+        )
+        return 2
     return int(rc or 0)
 
 

@@ -421,8 +421,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         return load_file(str(path), device="cpu")
     try:  # mmap keeps a multi-GB checkpoint out of RAM until its tensors are used
         sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # legacy (non-zip) pickles cannot be mmapped
-        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except RuntimeError:  # legacy (non-zip) pickles cannot be mmapped (or a corrupt file)
+        from slidefm.io.torch_file import load_torch_file
+
+        sd = load_torch_file(path, "tile-encoder weights", map_location="cpu", weights_only=True)
     for key in ("state_dict", "model", "teacher"):  # common training-checkpoint wrappers
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):
             sd = sd[key]

@@ -136,6 +136,30 @@ def split_sentences(text: str, max_chars: int = 2000) -> list[str]:
 
 
 # -- tokenizer training --------------------------------------------------------------------
+def vocab_size_message(error: str, vocab_size: int, n_sentences: int) -> str:
+    """SentencePiece's vocabulary-size failure → which bound was crossed, with its value.
+
+    The minimum is the corpus's required characters plus the meta pieces (4 special ids, the
+    256 byte-fallback pieces, the user symbols); the maximum is what the corpus can supply.
+    SentencePiece computes both and states them in its error; we name them as such.
+    """
+    low = re.search(r"smaller than required_chars\. *(\d+) vs (\d+)", error)
+    if low:
+        return (
+            f"--vocab-size {vocab_size} is below the minimum {low.group(2)} for this corpus "
+            "(its distinct characters + 4 special ids + 256 byte pieces + user symbols): "
+            f"raise it to at least {low.group(2)}"
+        )
+    high = re.search(r"value <= *(\d+)", error)
+    if high:
+        return (
+            f"--vocab-size {vocab_size} is above the maximum {high.group(1)} that this corpus "
+            f"({n_sentences} sentences) supports: lower it to at most {high.group(1)}, or add "
+            "reports"
+        )
+    return f"SentencePiece failed for --vocab-size {vocab_size}: {error.strip().splitlines()[0]}"
+
+
 def train_tokenizer(
     texts: Iterable[str],
     vocab_size: int,
@@ -203,12 +227,7 @@ def train_tokenizer(
             minloglevel=2,
         )
     except RuntimeError as e:
-        if "Vocabulary size too high" in str(e) or "vocab_size" in str(e):
-            raise ValueError(
-                f"{e}; the corpus ({len(sentences)} sentences) is too small for "
-                f"--vocab-size {vocab_size}: lower it or add reports"
-            ) from e
-        raise
+        raise ValueError(vocab_size_message(str(e), vocab_size, len(sentences))) from e
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_path) as tmp:

@@ -10,6 +10,8 @@ Split table (one row per slide per seed and fold):
 
 from __future__ import annotations
 
+import logging
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -18,6 +20,8 @@ import pandas as pd
 from sklearn.model_selection import GroupKFold, StratifiedGroupKFold
 
 from slidefm.io.atomic import atomic_path
+
+log = logging.getLogger(__name__)
 
 SPLIT_COLUMNS = ["seed", "fold", "slide_id", "case_id", "stratum", "split"]
 SPLIT_NAMES = ("train", "val", "test")
@@ -40,7 +44,9 @@ def _carve_val(
     largest = np.bincount(strata[idx]).max()
     if largest >= k:
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        tr, va = next(splitter.split(np.zeros(len(idx)), strata[idx], groups[idx]))
+        with warnings.catch_warnings():  # rare classes: the outer split has already said so
+            warnings.filterwarnings("ignore", message="The least populated class")
+            tr, va = next(splitter.split(np.zeros(len(idx)), strata[idx], groups[idx]))
     else:
         splitter = GroupKFold(n_splits=k, shuffle=True, random_state=seed)
         tr, va = next(splitter.split(np.zeros(len(idx)), groups=groups[idx]))
@@ -75,12 +81,23 @@ def make_cv_splits(
         raise ValueError(
             f"--folds {n_folds}: no class has {n_folds} slides to stratify; use fewer folds"
         )
+    per_class = df.groupby(df[stratify_col].astype(str))[group_col].nunique()
+    few = per_class[per_class < n_folds]
+    if len(few):  # said in our words; scikit-learn's "least populated class" warning is muted
+        log.warning(
+            "--folds %d: class(es) %s have fewer patients than folds, so some test folds hold "
+            "none of them (per-fold metrics of those classes are undefined); use fewer folds "
+            "or add patients",
+            n_folds,
+            ", ".join(f"{c!r} ({n})" for c, n in few.items()),
+        )
     rows = []
     for seed in seeds:
         outer = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=seed)
-        for fold, (train_idx, test_idx) in enumerate(
-            outer.split(np.zeros(len(df)), strata, groups)
-        ):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The least populated class")
+            folds = list(outer.split(np.zeros(len(df)), strata, groups))
+        for fold, (train_idx, test_idx) in enumerate(folds):
             tr, va = _carve_val(train_idx, strata, groups, val_fraction, seed * 1000 + fold)
             split = np.empty(len(df), dtype=object)
             split[tr], split[va], split[test_idx] = "train", "val", "test"

@@ -93,6 +93,25 @@ def make_task(
     return Task(labels, names, False)
 
 
+def check_class_sizes(df: pd.DataFrame, task: Task) -> None:
+    """Refuse a single-label class with one slide (a typo, or a class that cannot be both
+    trained on and tested) in our words, before scikit-learn's fold warnings; for commands
+    that split a cohort into folds (``mil train``, ``probe``)."""
+    if task.multilabel:
+        return
+    col = task.labels[0]
+    values = df[col].astype(str)
+    counts = values.value_counts()
+    lone = [c for c in task.classes if counts.get(c, 0) == 1]
+    if lone:
+        where = ", ".join(f"{c!r} (slide {df.loc[values == c, 'slide_id'].iloc[0]})" for c in lone)
+        raise ManifestError(
+            f"Label column {col!r}: class(es) {where} have a single slide, which cannot be both "
+            f"trained on and tested (a typo?); classes and slide counts: "
+            f"{ {c: int(counts.get(c, 0)) for c in task.classes} }. Fix the label or drop the slide"
+        )
+
+
 def encode_targets(df: pd.DataFrame, task: Task) -> np.ndarray:
     """(N,) int class indices, or (N, C) int {0,1} for multi-label."""
     if task.multilabel:

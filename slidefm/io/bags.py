@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from slidefm.io.features import SlideFeatures, read_features
+from slidefm.io.features import SlideFeatures, check_cohort, read_features
 
 CropSpec = int | tuple[int, int] | None
 
@@ -128,6 +128,7 @@ class FeatureBagDataset(Dataset):
             missing = [str(p) for p in files if not p.is_file()]
             if missing:
                 raise FileNotFoundError(f"Feature file(s) not found: {', '.join(missing[:5])}")
+        check_cohort(files)  # no empty files, one tile encoder; contents checked on read
         self.paths = files
         self.slide_ids = list(slide_ids) if slide_ids is not None else [p.stem for p in files]
         if len(self.slide_ids) != len(self.paths):

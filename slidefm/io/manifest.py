@@ -6,12 +6,19 @@ manifest found halfway through a cohort costs hours.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import pandas as pd
+
+log = logging.getLogger(__name__)
+
+SLIDE_LEVEL_RISK = (
+    "slides of one patient can land in different folds (train and test), which inflates the metrics"
+)
 
 
 class ManifestError(ValueError):
@@ -157,3 +164,49 @@ def check_labels(df: pd.DataFrame, column: str, allowed: Iterable | None = None)
             raise ManifestError(
                 f"Label column {column!r} has unknown value(s) {sorted(set(df.loc[bad, column]))[:5]}; allowed: {sorted(allowed)}"
             )
+
+
+def read_cohort_manifest(path: str | Path, slide_level_only: bool = False) -> pd.DataFrame:
+    """``read_manifest`` for commands that split a cohort into folds (``mil train``, ``probe``):
+    ``case_id`` is required, because without patients slides of one patient can land in different folds. ``slide_level_only`` accepts a
+    manifest without it (every slide its own patient) and warns what that risks."""
+    df = read_manifest(path, required=("slide_id",))
+    header = pd.read_csv(path, nrows=0).columns.astype(str).str.strip()
+    if "case_id" not in header:
+        if not slide_level_only:
+            raise ManifestError(
+                f"Manifest {path} has no case_id column: without patients {SLIDE_LEVEL_RISK}. "
+                "Add case_id, or pass --slide-level-only to treat every slide as its own patient"
+            )
+        log.warning("--slide-level-only: no case_id, every slide is its own patient; %s",
+                    SLIDE_LEVEL_RISK)  # fmt: skip
+    return df
+
+
+def strip_labels(df: pd.DataFrame, columns: Sequence[str]) -> pd.DataFrame:
+    """A copy of ``df`` whose label ``columns`` have leading/trailing whitespace removed, with a
+    warning naming them: ``"Pos "`` is a typo of ``"Pos"``, never an extra class."""
+    out = df.copy()
+    for c in columns:
+        if c not in out or not (
+            out[c].dtype == object or pd.api.types.is_string_dtype(out[c].dtype)
+        ):
+            continue
+        vals = out[c]
+        stripped = vals.where(vals.isna(), vals.astype(str).str.strip())
+        changed = vals.notna() & (stripped != vals)
+        if changed.any():
+            ex = sorted({repr(v) for v in vals[changed]})[:3]
+            log.warning("label column %r: stripped whitespace from %d value(s) (%s)",
+                        c, int(changed.sum()), ", ".join(ex))  # fmt: skip
+            out[c] = stripped
+    return out
+
+
+def add_slide_level_only(p) -> None:
+    """The ``--slide-level-only`` option of the commands that use ``read_cohort_manifest``."""
+    p.add_argument(
+        "--slide-level-only",
+        action="store_true",
+        help=f"accept a manifest without case_id (each slide its own patient); risk: {SLIDE_LEVEL_RISK}",
+    )

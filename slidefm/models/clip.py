@@ -129,7 +129,9 @@ class SlideTextModel(nn.Module):
     ):
         super().__init__()
         self.cfg = cfg
-        self.text_cfg = TextTowerConfig(**cfg.text)
+        from slidefm.config import from_dict
+
+        self.text_cfg = from_dict(TextTowerConfig, cfg.text or {})
         self.slide_dim = int(slide_dim)
         self.slide_encoder = slide_encoder
         self.trainable_encoder_params: list[str] = []
@@ -319,7 +321,11 @@ class SlideTextModel(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"alignment checkpoint {path} not found; run `slidefm align`")
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        from slidefm.io.torch_file import load_torch_file
+
+        state = load_torch_file(
+            path, "alignment checkpoint", map_location=map_location, weights_only=True
+        )
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"{path} is not a slidefm alignment checkpoint (use <align out>/align.pt)"

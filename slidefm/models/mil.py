@@ -508,7 +508,9 @@ def load_mil_checkpoint(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"MIL checkpoint {path} not found")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
+    from slidefm.io.torch_file import load_torch_file
+
+    ckpt = load_torch_file(path, "MIL checkpoint", map_location=map_location, weights_only=False)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path} is not a slidefm MIL checkpoint (written by `slidefm mil train`)")
     meta = ckpt["meta"]

@@ -226,7 +226,9 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 def _read_file(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         return read_state_dict(path)
-    sd = torch.load(path, map_location="cpu", weights_only=True)
+    from slidefm.io.torch_file import load_torch_file
+
+    sd = load_torch_file(path, "slide-encoder weights", map_location="cpu", weights_only=True)
     if not isinstance(sd, dict):
         raise ValueError(f"{path}: expected a state dict, found {type(sd).__name__}")
     return sd

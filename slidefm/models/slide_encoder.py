@@ -254,7 +254,11 @@ class SlideEncoder(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"slide encoder checkpoint {path} not found")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        from slidefm.io.torch_file import load_torch_file
+
+        payload = load_torch_file(
+            path, "slide encoder checkpoint", map_location="cpu", weights_only=True
+        )
         if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
             raise ValueError(
                 f"{path} is not a slidefm slide-encoder checkpoint (written by "

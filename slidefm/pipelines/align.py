@@ -40,9 +40,13 @@ from slidefm.train.data import make_loader, training_bags
 from slidefm.train.loop import TrainConfig
 from slidefm.train.run_dir import (
     RUN_CONFIG,
-    check_out_dir,
+    TRAIN_OUTPUTS,
+    add_overwrite,
     check_train_section,
+    claim_run_dir,
     fit_run,
+    inputs_hash,
+    run_identity,
     save_final,
     write_json,
 )
@@ -85,7 +89,7 @@ def load_run_config(path: str | None, overrides: list[str] | None) -> dict[str, 
     raw = apply_overrides(load_yaml(resolve_config_path(path, "align")) if path else {}, overrides)
     run = from_dict(AlignRunConfig, raw)
     from_dict(AlignModelConfig, run.model)
-    TextTowerConfig(**run.model.get("text", {}))
+    from_dict(TextTowerConfig, run.model.get("text") or {})
     from_dict(AlignDataConfig, run.data)
     check_train_section(run.train)
     return dataclasses.asdict(run)
@@ -202,8 +206,12 @@ def run_align(
     overrides: list[str] | None = None,
     seed: int = 0,
     stop_at_step: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Align and write the outputs listed in the module docstring; returns run info."""
+    """Align and write the outputs listed in the module docstring; returns run info.
+
+    ``out`` belongs to one (config, manifest rows + slide inputs + tokenizer, seed): another
+    one is refused unless ``overwrite`` (see ``train.run_dir.claim_run_dir``)."""
     out = Path(out)
     cfgd = load_run_config(config, overrides)
     data = from_dict(AlignDataConfig, cfgd["data"])
@@ -228,6 +236,17 @@ def run_align(
     val_reports = [first_report(val_df, r, data.text_column) for r in val_rows]
 
     rank, world = dist_info()
+    # Claim --out before anything is read from or written to it (a tokenizer trained there
+    # by another run must not be reused).
+    run_df = pd.concat([train_df, val_df], ignore_index=True)
+    run_ids = run_df["slide_id"].astype(str).tolist()
+    files = [Path(features) / f"{s}.h5" for s in run_ids] if features is not None else []
+    files = [f for f in files if f.is_file()] + [Path(x) for x in (embeddings, tokenizer) if x]
+    cols = ["slide_id", "case_id", "split", data.text_column]
+    rows = run_df[[c for c in cols if c in run_df]].astype(str).values.tolist()
+    identity = run_identity(config_hash(cfgd), inputs_hash(files, rows), seed)
+    if rank == 0:
+        claim_run_dir(out, identity, overwrite, (*TRAIN_OUTPUTS, "align.pt", "tokenizer.*"))
     out.mkdir(parents=True, exist_ok=True)
     tok_info: dict[str, Any]
     if tokenizer:
@@ -285,6 +304,7 @@ def run_align(
         "config_name": config,
         "config_hash": run_hash,
         "seed": seed,
+        "identity": identity,
         "manifest": str(Path(manifest).resolve()),
         "inputs": str(Path(features or embeddings).resolve()),
         "input_kind": "features" if features is not None else "embeddings",
@@ -293,7 +313,6 @@ def run_align(
         **tok_info,
         **enc_info,
     }
-    check_out_dir(out, run_hash)
     model = SlideTextModel(mcfg, slide_dim, tok_path, slide_encoder=enc)
     model.to(pick_device(tcfg.device) if world == 1 else torch.device("cpu"))
     if rank == 0:
@@ -375,6 +394,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "overrides the config's slide_encoder",
     )
     p.add_argument("--out", required=True, help="output folder (re-run the command to resume)")
+    add_overwrite(p)
     add_common(p, "align")
     p.set_defaults(func=run)
 
@@ -394,6 +414,7 @@ def run(args: argparse.Namespace) -> int:
         tokenizer=args.tokenizer,
         overrides=overrides,
         seed=args.seed,
+        overwrite=args.overwrite,
     )
     if dist_info()[0] != 0:
         return 0

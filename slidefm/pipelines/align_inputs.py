@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from slidefm.io.manifest import read_manifest
+from slidefm.io.manifest import read_manifest, strip_labels
 from slidefm.models.clip import SlideTextModel
 from slidefm.pipelines.embed import file_sha256
 from slidefm.runtime import pick_device, seed_everything
@@ -57,7 +57,7 @@ def manifest_rows(
             raise ValueError(f"manifest {manifest} has no rows with split == {split!r}")
     if label_column and label_column not in df:
         raise ValueError(f"manifest has no label column {label_column!r}")
-    return df
+    return strip_labels(df, [label_column]) if label_column else df
 
 
 def add_input_args(p: argparse.ArgumentParser) -> None:

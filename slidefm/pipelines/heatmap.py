@@ -27,10 +27,36 @@ from slidefm.eval.heatmap import (
     write_png,
 )
 from slidefm.eval.report import write_csv, write_json
-from slidefm.io.features import SlideFeatures, read_features
+from slidefm.io.features import SlideFeatures, check_encoder_matches, read_features
 from slidefm.io.manifest import check_slide_id
 from slidefm.models.mil import load_mil_checkpoint
 from slidefm.runtime import pick_device, seed_everything
+
+
+def check_slide_matches(slide: str | Path, sf: SlideFeatures, features: str | Path) -> None:
+    """Refuse to draw ``features`` over another slide than the one they were cut from: the
+    level-0 size and file size recorded at encoding must match, and (foreign files without
+    them) every tile must lie inside the slide."""
+    from slidefm.wsi.reader import SlideReader
+
+    with SlideReader(slide) as r:
+        w, h = r.info.width, r.info.height
+    a, problems = sf.attrs, []
+    rec = (a.get("level0_width"), a.get("level0_height"))
+    if all(rec) and (int(rec[0]), int(rec[1])) != (w, h):
+        problems.append(f"it is {w}×{h} px at level 0, the encoded slide {rec[0]}×{rec[1]}")
+    size, real = a.get("source_size"), Path(slide).stat().st_size
+    if size and Path(slide).is_file() and int(size) != real:
+        problems.append(f"it has {real} bytes, the encoded slide {size}")
+    far = sf.coords.max(axis=0)
+    if far[0] >= w or far[1] >= h:
+        problems.append(f"tiles start at up to ({far[0]}, {far[1]}), outside its {w}×{h} px")
+    if problems:
+        src = a.get("source_path") or "unrecorded"
+        raise ValueError(
+            f"--slide {slide} is not the slide {features} was encoded from ({src}): "
+            f"{'; '.join(problems)}"
+        )
 
 
 def score_slide(
@@ -73,6 +99,9 @@ def run(args: argparse.Namespace) -> int:
     seed_everything(args.seed)
     sf = read_features(args.features)
     model, meta = load_mil_checkpoint(args.checkpoint)
+    check_encoder_matches(args.features, sf.attrs, meta.get("features", {}), args.checkpoint)
+    if args.slide:  # before any output: a grid over the wrong image is worse than none
+        check_slide_matches(args.slide, sf, args.features)
     res = score_slide(model, meta, sf, args.target, pick_device(args.device))
     scores, kind, cls = res["scores"], res["kind"], res["class"]
     classes, prob = res["classes"], res["probabilities"]

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import h5py
 import numpy as np
 import pandas as pd
 import torch
@@ -53,6 +52,7 @@ from slidefm.eval.splits import (
 from slidefm.eval.targets import (
     Task,
     aggregate_patients,
+    check_class_sizes,
     check_feature_files,
     encode_targets,
     make_task,
@@ -61,8 +61,14 @@ from slidefm.eval.targets import (
 )
 from slidefm.io.atomic import atomic_path
 from slidefm.io.bags import collate_bags, item_rng, subsample
-from slidefm.io.features import read_attrs, read_features
-from slidefm.io.manifest import ManifestError, read_manifest
+from slidefm.io.features import check_cohort, check_encoder_matches, read_attrs, read_features
+from slidefm.io.manifest import (
+    SLIDE_LEVEL_RISK,
+    add_slide_level_only,
+    read_cohort_manifest,
+    read_manifest,
+    strip_labels,
+)
 from slidefm.models.mil import (
     MIL_MODELS,
     Standardized,
@@ -77,6 +83,14 @@ from slidefm.models.mil import (
 )
 from slidefm.models.pretrain import feature_stats as tile_feature_stats
 from slidefm.runtime import pick_device, seed_everything
+from slidefm.train.run_dir import (
+    RUN_CONFIG,
+    add_overwrite,
+    claim_run_dir,
+    inputs_hash,
+    run_identity,
+)
+from slidefm.train.run_dir import write_json as write_run_json
 
 log = logging.getLogger(__name__)
 
@@ -152,28 +166,10 @@ class Bags:
 def load_bags(paths: list[Path], progress: bool = True, cache_gb: float = 8.0) -> Bags:
     """Check every feature file (tiles present, one tile encoder for the cohort) and load them
     into memory when their float32 size is under ``cache_gb``."""
-    shapes, first = [], None
-    for p in paths:
-        a = read_attrs(p)
-        with h5py.File(p, "r") as f:
-            key = next((k for k in ("features", "feats") if k in f), None)
-            if key is None:
-                raise ManifestError(
-                    f"{p}: no 'features' dataset; is it a slidefm/TRIDENT feature file?"
-                )
-            shape = f[key].shape[-2:]
-        if shape[0] == 0:
-            raise ManifestError(f"{p}: no tiles; drop the slide from the manifest or re-encode it")
-        enc = (int(shape[1]), a.get("encoder"))
-        if first is None:
-            first = (enc, a)
-        elif enc != first[0]:
-            raise ManifestError(
-                f"{p}: features from encoder {enc[1]} ({enc[0]}-d) but {paths[0]} has {first[0][1]} ({first[0][0]}-d); encode the cohort with one encoder"
-            )
-        shapes.append(shape)
-    attrs = {k: first[1].get(k) for k in ("encoder", "encoder_weights", "target_mpp", "patch_size")}
-    bags = Bags(list(paths), first[0][0], attrs)
+    shapes = check_cohort(paths)
+    first = read_attrs(paths[0])
+    attrs = {k: first.get(k) for k in ("encoder", "encoder_weights", "target_mpp", "patch_size")}
+    bags = Bags(list(paths), shapes[0][1], attrs)
     if sum(n * d for n, d in shapes) * 4 / 2**30 <= cache_gb:
         bags.cached = [
             bags.get(j)
@@ -638,9 +634,12 @@ def run_train(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seeds = parse_seeds(args.seeds)
-    df = read_manifest(args.manifest, required=("slide_id",))
+    df = read_cohort_manifest(args.manifest, args.slide_level_only)
+    df = strip_labels(df, parse_labels(args.label))
     task = make_task(df, parse_labels(args.label), parse_list(args.classes))
+    check_class_sizes(df, task)
     paths = check_feature_files(df, args.features)
+    claim_mil_out(out, df, task, cfg, paths, args.overwrite)
     splits = build_splits(df, task, args, cfg, seeds, out)
     bags = load_bags(paths, progress=not args.no_progress, cache_gb=cfg.cache_gb)
     enc_weights = slide_encoder_weights(cfg.slide_encoder) if cfg.model == "slide_encoder" else None
@@ -654,6 +653,8 @@ def run_train(args: argparse.Namespace) -> int:
         level = "patient"
     result = evaluate_predictions(scored, task, n_boot=cfg.n_boot, seed=args.seed)
     notes = provenance_notes(bags, cfg, enc_weights)
+    if args.slide_level_only:
+        notes.append(f"--slide-level-only: {SLIDE_LEVEL_RISK}")
     meta = {
         "command": "mil train",
         "model": cfg.model,
@@ -690,13 +691,14 @@ def run_predict(args: argparse.Namespace) -> int:
     task = Task.from_dict(models[0][1]["task"])
     if any(Task.from_dict(m["task"]) != task for _, m in models):
         raise ValueError(f"Checkpoints under {ckpt} predict different tasks; pass one checkpoint")
-    df = read_manifest(args.manifest, required=("slide_id",))
+    df = strip_labels(read_manifest(args.manifest, required=("slide_id",)), task.labels)
     paths = check_feature_files(df, args.features)
     bags = load_bags(paths, progress=not args.no_progress)
     if bags.dim != models[0][1]["in_dim"]:
         raise ValueError(
             f"Features are {bags.dim}-d but the model expects {models[0][1]['in_dim']}-d; use features from the encoder it was trained on ({models[0][1].get('features', {}).get('encoder')})"
         )
+    check_encoder_matches(paths[0], bags.attrs, models[0][1].get("features", {}), files[0])
     has_label = all(c in df for c in task.labels)
     y = encode_targets(df, task) if has_label else np.zeros(len(df), dtype=np.int64)
     device = pick_device(args.device)
@@ -733,6 +735,34 @@ def run_predict(args: argparse.Namespace) -> int:
         )
         print(format_summary(res))
     return 0
+
+
+# What ``mil train`` writes into --out (discarded by --overwrite).
+MIL_OUTPUTS = (
+    "seed*",
+    "splits.csv",
+    "predictions.csv",
+    "patient_predictions.csv",
+    "*fold_metrics.csv",
+    "*seed_metrics.csv",
+    "*results.json",
+    "*roc_seed*.png",
+)
+
+
+def claim_mil_out(
+    out: Path, df: pd.DataFrame, task: Task, cfg: MILConfig, paths: list[Path], overwrite: bool
+) -> dict[str, Any]:
+    """``--out`` belongs to one (config, task, feature files + manifest rows): a finished fold
+    is reused only by the same run (more --seeds extend it), another one is refused unless
+    ``overwrite``. Records the identity in run_config.json; returns it."""
+    cols = ["slide_id", "case_id", *task.labels]
+    rows = df[cols].astype(str).values.tolist()
+    chash = config_hash({"config": dataclasses.asdict(cfg), "task": task.to_dict()})
+    identity = run_identity(chash, inputs_hash(paths, rows), None)
+    claim_run_dir(out, identity, overwrite, MIL_OUTPUTS)
+    write_run_json(out / RUN_CONFIG, {"command": "mil train", "identity": identity})
+    return identity
 
 
 # -- CLI ------------------------------------------------------------------------------------
@@ -811,6 +841,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="aggregate slide predictions per case_id before scoring",
     )
     t.add_argument("--out", required=True, help="output folder")
+    add_slide_level_only(t)
     for name, typ in FLAG_TO_FIELD.items():
         if name != "model":
             t.add_argument(
@@ -824,6 +855,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--finetune", action="store_true", help="slide_encoder: fine-tune the encoder too"
     )
     t.add_argument("--no-progress", action="store_true")
+    add_overwrite(t)
     add_common(t, "mil")
     t.set_defaults(func=run_train)
 

@@ -27,9 +27,12 @@ from slidefm.train.data import make_loader, training_bags
 from slidefm.train.loop import TrainConfig
 from slidefm.train.run_dir import (
     RUN_CONFIG,
-    check_out_dir,
+    TRAIN_OUTPUTS,
     check_train_section,
+    claim_run_dir,
     fit_run,
+    inputs_hash,
+    run_identity,
     save_final,
     write_json,
 )
@@ -107,8 +110,12 @@ def run_pretrain(
     manifest: str | None = None,
     split: str | None = "train",
     stop_at_step: int | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Pretrain and write the outputs listed in the module docstring; returns run info."""
+    """Pretrain and write the outputs listed in the module docstring; returns run info.
+
+    ``out`` belongs to one (config, feature files, seed): another one is refused unless
+    ``overwrite`` (see ``train.run_dir.claim_run_dir``)."""
     from slidefm.models.slide_encoder import SlideEncoder
 
     out = Path(out)
@@ -124,17 +131,22 @@ def run_pretrain(
     if cfgd["match_input_dim"]:
         enc_kw["input_dim"] = in_dim
     run_hash = config_hash({**cfgd, "encoder_overrides": enc_kw})
+    eval_ids = hold_ids or train_ids
+    files = [*ds.paths, *(Path(features) / f"{s}.h5" for s in hold_ids)]
+    identity = run_identity(run_hash, inputs_hash(files, [train_ids, eval_ids]), seed)
     info = {
         "config": cfgd,
         "config_name": config,
         "config_hash": run_hash,
         "seed": seed,
+        "identity": identity,
         "features": str(Path(features).resolve()),
         "num_train_slides": len(train_ids),
         "holdout_slides": hold_ids,
         "rankme_on": "holdout" if hold_ids else "train (too few slides for a holdout)",
     }
-    check_out_dir(out, run_hash)
+    if dist_info()[0] == 0:
+        claim_run_dir(out, identity, overwrite, (*TRAIN_OUTPUTS, "encoder.pt"))
     seed_everything(seed)
     encoder = SlideEncoder.from_config(cfgd["encoder"], **enc_kw)
     if encoder.config.input_dim != in_dim:
@@ -160,7 +172,7 @@ def run_pretrain(
         drop_last=len(ds) >= data.batch_size * world,
     )
     eval_ds = FeatureBagDataset(
-        features, slide_ids=hold_ids or train_ids, max_tiles=data.eval_max_tiles, seed=seed
+        features, slide_ids=eval_ids, max_tiles=data.eval_max_tiles, seed=seed
     )
 
     def eval_fn(m: MaskedFeatureModel) -> dict[str, float]:
@@ -176,6 +188,7 @@ def run_pretrain(
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from slidefm.cli import add_common
+    from slidefm.train.run_dir import add_overwrite
 
     p = sub.add_parser("pretrain", help="masked-feature-modeling pretraining of a slide encoder")
     p.add_argument("--features", required=True, help="folder of <slide_id>.h5 feature files")
@@ -184,6 +197,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--split", default="train", help="manifest split used for pretraining (default train)"
     )
+    add_overwrite(p)
     add_common(p, "pretrain")
     p.set_defaults(func=run)
 
@@ -199,6 +213,7 @@ def run(args: argparse.Namespace) -> int:
         args.seed,
         manifest=args.manifest,
         split=args.split,
+        overwrite=args.overwrite,
     )
     final = info.get("final", {})
     if dist_info()[0] != 0:

@@ -37,8 +37,20 @@ from slidefm.eval.splits import (
     save_splits,
     splits_from_manifest,
 )
-from slidefm.eval.targets import aggregate_patients, encode_targets, make_task, prediction_frame
-from slidefm.io.manifest import ManifestError, read_manifest
+from slidefm.eval.targets import (
+    aggregate_patients,
+    check_class_sizes,
+    encode_targets,
+    make_task,
+    prediction_frame,
+)
+from slidefm.io.manifest import (
+    SLIDE_LEVEL_RISK,
+    ManifestError,
+    add_slide_level_only,
+    read_cohort_manifest,
+    strip_labels,
+)
 
 PROBES = ("linear", "knn", "fewshot")
 
@@ -66,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"Unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
     seeds = [int(s) for s in args.seeds.split(",")]
     shots = [int(s) for s in args.shots.split(",")]
-    df = read_manifest(args.manifest, required=("slide_id",))
+    df = strip_labels(read_cohort_manifest(args.manifest, args.slide_level_only), [args.label])
     task = make_task(df, [args.label])
+    check_class_sizes(df, task)
     y = encode_targets(df, task)
     ids, emb, emb_attrs = read_embeddings(args.embeddings)
     x = align_embeddings(df, list(ids), emb)
@@ -124,6 +137,7 @@ def run(args: argparse.Namespace) -> int:
         "task": task.to_dict(),
         "seeds": seeds,
         "seed": args.seed,
+        "slide_level_only": bool(args.slide_level_only),
         "slidefm_version": slidefm.__version__,
     }
     summary: dict = {**meta, "probes": {}}
@@ -158,6 +172,8 @@ def run(args: argparse.Namespace) -> int:
                 f"  k={r.k:>2}: AUROC {r.auroc_mean:.3f} ± {r.auroc_sd:.3f}   balanced acc {r.balanced_accuracy_mean:.3f} ± {r.balanced_accuracy_sd:.3f}   (n={r.n})"
             )
     write_json(summary, out / "summary.json")
+    if args.slide_level_only:
+        print(f"NOTE: --slide-level-only: {SLIDE_LEVEL_RISK}")
     if str(emb_attrs.get("checkpoint_sha256", "")) == "random":
         print("NOTE: these embeddings come from a RANDOMLY INITIALISED slide encoder")
     return 0
@@ -174,6 +190,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--manifest", required=True, help="CSV with slide_id, case_id and the label column"
     )
     p.add_argument("--label", required=True, help="label column")
+    add_slide_level_only(p)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument(
         "--probes",

@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from slidefm.io.atomic import atomic_path, clean_stale_tmp
+from slidefm.io.torch_file import CheckpointError, load_torch_file
 from slidefm.runtime import autocast, dist_info, pick_device, seed_everything
 from slidefm.train.data import ResumableSampler
 
@@ -155,13 +156,19 @@ def init_distributed() -> torch.device:
     return device
 
 
-def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
-    """The ``step_*.pt`` with the highest step in ``ckpt_dir``, or None."""
+def checkpoints_newest_first(ckpt_dir: str | Path) -> list[Path]:
+    """The ``step_*.pt`` files of ``ckpt_dir``, highest step first."""
     d = Path(ckpt_dir)
     if not d.is_dir():
-        return None
+        return []
     found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name))]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
+    """The ``step_*.pt`` with the highest step in ``ckpt_dir``, or None."""
+    found = checkpoints_newest_first(ckpt_dir)
+    return found[0] if found else None
 
 
 class Trainer:
@@ -277,7 +284,11 @@ class Trainer:
 
     def load_checkpoint(self, path: str | Path) -> None:
         """Restore a ``save_checkpoint`` file: training continues exactly where it stopped."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_torch_file(path, "training checkpoint", map_location="cpu", weights_only=True)
+        keys = ("model", "optimizer", "step", "rng")
+        missing = [k for k in keys if k not in state] if isinstance(state, dict) else list(keys)
+        if missing:
+            raise CheckpointError(f"{path}: not a slidefm training checkpoint (lacks {missing})")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -294,6 +305,24 @@ class Trainer:
             )
             seed_everything(self.cfg.seed + 1000 * self.step + self.rank)
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
+
+    def _load_or_fall_back(self, path: Path) -> None:
+        """Load ``path``; under ``resume=auto`` an unreadable one (truncated by a full disk or
+        a kill during a non-atomic copy) is named and the next older checkpoint is tried."""
+        cands = [path]
+        if self.cfg.resume == "auto":
+            cands += [p for p in checkpoints_newest_first(self.ckpt_dir) if p != path]
+        for i, cand in enumerate(cands):
+            try:
+                self.load_checkpoint(cand)
+                return
+            except CheckpointError as e:
+                if i + 1 == len(cands):
+                    raise CheckpointError(
+                        f"{e}; no readable checkpoint left in {self.ckpt_dir} "
+                        "(delete them, or --set train.resume=none to start over)"
+                    ) from e
+                log.warning("%s; falling back to the previous checkpoint %s", e, cands[i + 1])
 
     def _resume_path(self) -> Path | None:
         r = self.cfg.resume
@@ -378,7 +407,7 @@ class Trainer:
         cfg = self.cfg
         path = self._resume_path()
         if path is not None:
-            self.load_checkpoint(path)
+            self._load_or_fall_back(path)
         else:
             seed_everything(cfg.seed + self.rank)
         target = min(cfg.max_steps, stop_at_step or cfg.max_steps)

@@ -1,27 +1,116 @@
 """The output folder of a resumable training run (``slidefm pretrain`` / ``slidefm align``).
 
 Both commands keep ``run_config.json`` (resolved config + hash) beside ``checkpoints/`` so a
-re-run of the same command resumes, and a re-run with another config is refused instead of
-silently mixing two runs' checkpoints. The pieces they share live here, once.
+re-run of the same command resumes. The rule (``claim_run_dir``, also used by ``mil train``):
+a run folder belongs to one *identity* = (config hash, input-set hash, seed), recorded in
+``run_config.json`` before anything else is written. A re-run with the same identity resumes or
+reuses; any other (other features, manifest, seed or config; a folder with outputs but no
+identity) is refused, never silently resumed or reused, unless ``--overwrite`` discards the
+old run's outputs first. So run_config.json and the checkpoints always describe the data and
+seed the weights saw. The pieces the commands share live here, once.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-from collections.abc import Callable
+import shutil
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import h5py
 from torch import nn
 from torch.utils.data import DataLoader
 
 from slidefm.config import ConfigError, from_dict
 from slidefm.io.atomic import atomic_path
-from slidefm.train.loop import TrainConfig, Trainer, latest_checkpoint
+from slidefm.io.features import CHECKSUM_ATTR
+from slidefm.train.loop import TrainConfig, Trainer
 
 RUN_CONFIG = "run_config.json"
 # Keys of the run info that every final model checkpoint records as provenance.
 PROVENANCE_KEYS = ("config_hash", "seed", "config_name", "steps")
+# What pretrain / align write into their folder (discarded by --overwrite).
+TRAIN_OUTPUTS = ("checkpoints", RUN_CONFIG, "metrics.csv", "loss_curve.png")
+SMALL_FILE = 64 << 20  # hash whole files up to this size; larger ones by size + mtime
+
+
+class RunDirError(ValueError):
+    """An output folder that holds another run."""
+
+
+def file_fingerprint(path: str | Path) -> str:
+    """What identifies one input file's content, cheaply: an HDF5 file with checksummed
+    datasets by those checksums (a copied folder keeps its identity), a small file by its
+    sha256, anything else by size and modification time."""
+    p = Path(path)
+    try:
+        with h5py.File(p, "r") as f:
+            sums = [
+                f[k].attrs.get(CHECKSUM_ATTR) for k in sorted(f) if isinstance(f[k], h5py.Dataset)
+            ]
+        if sums and all(x is not None for x in sums):
+            return f"{p.name}:crc32:{','.join(str(int(x)) for x in sums)}"
+    except OSError:
+        pass
+    st = p.stat()
+    if st.st_size <= SMALL_FILE:
+        return f"{p.name}:sha256:{hashlib.sha256(p.read_bytes()).hexdigest()}"
+    return f"{p.name}:{st.st_size}:{st.st_mtime_ns}"
+
+
+def inputs_hash(files: Iterable[str | Path], extra: Any = None) -> str:
+    """Stable short hash of an input set (file fingerprints, in the given order, + ``extra``,
+    e.g. the manifest columns a run uses)."""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(file_fingerprint(f).encode() + b"\n")
+    h.update(json.dumps(extra, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def run_identity(config_hash: str, inputs: str, seed: int | None) -> dict[str, Any]:
+    """The identity a run folder is claimed for (see the module docstring)."""
+    return {"config_hash": config_hash, "inputs_hash": inputs, "seed": seed}
+
+
+def claim_run_dir(
+    out: Path, identity: dict[str, Any], overwrite: bool = False, outputs: Sequence[str] = ()
+) -> None:
+    """Make ``out`` the folder of the run ``identity``: no-op for an empty folder or the same
+    identity; refuse one that holds another run (or outputs without a recorded identity);
+    with ``overwrite``, delete the old run's ``outputs`` (names or globs under ``out``) first.
+    The caller then records ``identity`` in run_config.json before writing anything else."""
+    found = sorted({p for pat in (RUN_CONFIG, *outputs) for p in out.glob(pat)})
+    if not found:
+        return
+    prev, old = out / RUN_CONFIG, None
+    if prev.is_file():
+        try:
+            old = json.loads(prev.read_text()).get("identity")
+        except (ValueError, AttributeError):
+            old = None
+    if old == identity:
+        return
+    if overwrite:
+        for p in found:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+        return
+    if old is None:
+        why = f"outputs of an unidentified run ({prev.name} missing, unreadable or older)"
+    else:
+        names = {"config_hash": "config", "inputs_hash": "input set", "seed": "seed"}
+        diff = [names.get(k, k) for k in identity if old.get(k) != identity[k]]
+        why = f"a run of another {' / '.join(diff)}"
+        if "config" in diff:
+            why += (
+                f" (another config: hash {old.get('config_hash')}, now {identity['config_hash']})"
+            )
+    raise RunDirError(
+        f"{out} holds {why}; resuming or reusing it would mix two runs. Use a new --out, "
+        "or pass --overwrite to discard the old run there"
+    )
 
 
 def check_train_section(train: dict[str, Any]) -> None:
@@ -33,17 +122,13 @@ def check_train_section(train: dict[str, Any]) -> None:
     from_dict(TrainConfig, train)
 
 
-def check_out_dir(out: Path, run_hash: str) -> None:
-    """Refuse to resume checkpoints of a different config into the same folder."""
-    prev = out / RUN_CONFIG
-    if latest_checkpoint(out / "checkpoints") is None or not prev.is_file():
-        return
-    old = json.loads(prev.read_text()).get("config_hash")
-    if old != run_hash:
-        raise ValueError(
-            f"{out} holds checkpoints of another config (hash {old}, now {run_hash}); "
-            "use a new --out, or --set train.resume=none to start over there"
-        )
+def add_overwrite(p: Any) -> None:
+    """The ``--overwrite`` option of commands whose --out holds one run."""
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard another run found in --out (other inputs/seed/config) instead of refusing",
+    )
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:
