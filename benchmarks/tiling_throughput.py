@@ -66,7 +66,10 @@ def bench(path: Path, target_mpp: float, patch: int, workers: int, repeats: int)
         )
         level = r.best_level_for_mpp(target_mpp)
         ds = r.info.level_downsamples[level]
-    ours = TileRegionDataset(path, tiles, level, ds, region_tiles=8)
+    # As encode-slides builds it: small slides are split so every worker gets regions.
+    ours = TileRegionDataset(
+        path, tiles, level, ds, region_tiles=8, min_regions=2 * max(1, workers)
+    )
     base = PerTileDataset(path, tiles, level, ds)
 
     def run_ours():
@@ -88,6 +91,7 @@ def bench(path: Path, target_mpp: float, patch: int, workers: int, repeats: int)
         "slidefm_tiles_per_s": round(n / t_ours, 1),
         "per_tile_read_region_tiles_per_s": round(n / t_base, 1),
         "ratio": round(t_base / t_ours, 2),
+        "regions": len(ours),
     }
 
 
@@ -111,6 +115,7 @@ if __name__ == "__main__":
                 "benchmark": "tiling_throughput",
                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpu",
                 "results": results,
+                "headline_slidefm_2_workers_vs_per_tile_loop": headline,
                 "target_ratio": 2.0,
             },
             indent=2,

@@ -81,7 +81,10 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str] | None) -> dict[st
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"Override {item!r}: {part!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(raw)
+        try:
+            node[parts[-1]] = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            node[parts[-1]] = raw  # a plain string; from_dict checks its type
     return out
 
 
@@ -123,11 +126,36 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
                 "tuple[str, ...]",
             ):
                 val = tuple(val)
+            _check_type(cls.__name__, f.name, f.type, val)
             kwargs[f.name] = val
     try:
         return cls(**kwargs)
-    except TypeError as e:  # e.g. a section given as a scalar, or a __post_init__ type check
-        raise ConfigError(f"{cls.__name__}: {e}") from e
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{cls.__name__}: {e}") from None
+
+
+_SCALARS = {"int": int, "float": (int, float), "str": str, "bool": bool, "dict": dict}
+
+
+def _check_type(owner: str, name: str, annotation: Any, val: Any) -> None:
+    """Raise ``ConfigError`` when ``val`` does not fit a simple annotation (``int``, ``float``,
+    ``str``, ``bool``, ``dict``, ``X | None``); other annotations are left to the class."""
+    ann = annotation if isinstance(annotation, str) else getattr(annotation, "__name__", "")
+    parts = [a.strip() for a in ann.split("|")]
+    if val is None and "None" in parts:
+        return
+    types = [_SCALARS[a] for a in parts if a in _SCALARS]
+    if not types or len(types) != len([a for a in parts if a != "None"]):
+        return
+    # bool is an int subclass in Python, but ``patch_size: true`` is a typo, not 1.
+    ok = any(isinstance(val, t) for t in types) and (bool in types or not isinstance(val, bool))
+    if not ok:
+        raise ConfigError(
+            f"{owner} option {name!r} must be {' or '.join(parts)}, got {val!r} "
+            f"({type(val).__name__})"
+        )
 
 
 def load_config(

@@ -56,12 +56,22 @@ def autocast(device: torch.device, precision: str = "auto"):
     """
     import torch
 
-    if device.type != "cuda" or precision == "fp32":
+    precision = effective_precision(device, precision)
+    if precision == "fp32":
         return contextlib.nullcontext()
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     return torch.autocast("cuda", dtype=dtype)
+
+
+def effective_precision(device: torch.device, precision: str = "auto") -> str:
+    """The precision ``autocast`` really uses: ``fp32`` on CPU, ``auto`` resolved on CUDA."""
+    if device.type != "cuda" or precision == "fp32":
+        return "fp32"
+    import torch
+
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return precision
 
 
 def dist_info() -> tuple[int, int]:

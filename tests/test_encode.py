@@ -43,7 +43,8 @@ def test_encode_real_slide_schema(sample_slide, tmp_path):
         assert f.attrs["level0_mpp"] == pytest.approx(0.499) and f.attrs["target_mpp"] == 0.5
         assert f.attrs["patch_size_level0"] == round(256 * 0.5 / 0.499)
         coords, grid = f["coords"][()], f["grid"][()]
-        assert (coords[:, 0] + f.attrs["patch_size_level0"] <= f.attrs["level0_width"] + 1).all()
+        # Border tiles are kept padded (default border_tiles: pad): each starts inside the slide.
+        assert (coords < [f.attrs["level0_width"], f.attrs["level0_height"]]).all()
         np.testing.assert_array_equal(
             grid, (coords - coords.min(0)) // f.attrs["patch_size_level0"]
         )
@@ -56,22 +57,11 @@ def test_encode_real_slide_schema(sample_slide, tmp_path):
         == 0
     )
     assert h5.stat().st_mtime_ns == before
-    assert (
-        main(
-            [
-                "encode-slides",
-                str(sample_slide),
-                "--out",
-                str(tmp_path),
-                *FAST,
-                "--seed",
-                "7",
-                "--min-tissue",
-                "0.5",
-            ]
-        )
-        == 0
-    )
+    # Changed config into the same folder: refused (nothing rewritten) unless --overwrite.
+    argv = ["encode-slides", str(sample_slide), "--out", str(tmp_path), *FAST, "--seed", "7"]
+    assert main([*argv, "--min-tissue", "0.5"]) == 2
+    assert h5.stat().st_mtime_ns == before
+    assert main([*argv, "--min-tissue", "0.5", "--overwrite"]) == 0
     assert h5.stat().st_mtime_ns != before and read_attrs(h5)["config_hash"] != ""
 
 

@@ -14,7 +14,7 @@ from slidefm.wsi.patches import TileRegionDataset, iter_tile_batches, tile_loade
 from slidefm.wsi.reader import MissingMPPError, SlideReader, SlideReadError, mpp_from_properties
 from slidefm.wsi.stain import estimate_stains, macenko_normalize
 from slidefm.wsi.tiling import EmptyTissueError, make_tile_grid
-from slidefm.wsi.tissue import area_fraction, tissue_mask
+from slidefm.wsi.tissue import TissueConfig, area_fraction, tissue_mask
 
 OPENABLE = [
     "CMU-1-Small-Region.svs",
@@ -125,9 +125,9 @@ def test_area_fraction_equals_naive_count():
         assert g == pytest.approx(naive)
 
 
-def _grid_for(r: SlideReader, target_mpp=0.5, patch=256, min_tissue=0.1):
+def _grid_for(r: SlideReader, target_mpp=0.5, patch=256, min_tissue=0.1, cfg=None):
     thumb, scale = r.thumbnail(512)
-    mask = tissue_mask(thumb, scale * r.mpp)
+    mask = tissue_mask(thumb, scale * r.mpp, cfg or TissueConfig())
     return (
         thumb,
         mask,
@@ -218,11 +218,12 @@ def test_region_reader_equals_per_tile_reads(sample_slide):
 
 
 def test_fluorescence_slide_has_no_brightfield_tissue(slides_dir):
+    """The bright-field rule, forced, finds nothing on DAPI (auto mode: test_tissue.py)."""
     with (
         SlideReader(slides_dir / "test3-DAPI-2-387.ndpi") as r,
         pytest.raises(EmptyTissueError, match="tissue"),
     ):
-        _grid_for(r, min_tissue=0.5)
+        _grid_for(r, min_tissue=0.5, cfg=TissueConfig(mode="brightfield"))
 
 
 def test_macenko_recovers_planted_stain_vectors():

@@ -293,10 +293,40 @@ def _timm_kwargs(spec: TileEncoderSpec) -> dict[str, Any]:
 
 
 def build_model(spec: TileEncoderSpec) -> nn.Module:
-    """The timm ViT of ``spec`` with random init (use ``with torch.device("meta")`` for shapes)."""
+    """The timm ViT of ``spec`` with timm's init (use ``with torch.device("meta")`` for shapes).
+
+    For ``--weights random`` use :func:`build_random_model`: timm's init is a training start,
+    not a usable random feature extractor.
+    """
     import timm
 
     return timm.create_model(spec.arch, pretrained=False, **_timm_kwargs(spec))
+
+
+RANDOM_LAYERSCALE = 1.0  # LayerScale gamma of a random-weight model (timm starts DINOv2 at 1e-5)
+
+
+def make_random_input_dependent(model: nn.Module) -> nn.Module:
+    """Set every LayerScale gamma to ``RANDOM_LAYERSCALE`` (in place); returns ``model``.
+
+    Why: DINOv2-style ViTs (timm ``init_values=1e-5``) scale each residual branch by 1e-5 at
+    init, so an untrained model is a near-identity on the tokens and its CLS token never sees the
+    image: every tile gets the same feature (cosine 0.999999 between a black and a white tile).
+    With gamma = 1 the random blocks mix the patch tokens into the CLS token, as in a plain ViT.
+    """
+    import torch
+    from timm.layers import LayerScale
+
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LayerScale):
+                m.gamma.fill_(RANDOM_LAYERSCALE)
+    return model
+
+
+def build_random_model(spec: TileEncoderSpec) -> nn.Module:
+    """The timm ViT of ``spec`` with random weights whose outputs depend on the input."""
+    return make_random_input_dependent(build_model(spec))
 
 
 # -- weights ---------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from torch import nn
 from slidefm.encoders.registry import (
     TileEncoderSpec,
     build_model,
+    build_random_model,
     get_spec,
     load_weights,
     resolve_weights,
@@ -123,7 +124,7 @@ class TileEncoder:
         spec = get_spec(name)
         resolved = resolve_weights(spec, weights)
         if resolved.is_random:
-            trunk = build_model(spec)
+            trunk = build_random_model(spec)
             log.warning("tile encoder %s has RANDOM weights: outputs are not pretrained", name)
         else:
             with torch.device("meta"):

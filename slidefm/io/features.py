@@ -3,7 +3,8 @@
 Layout (see ARCHITECTURE.md):
 - ``features`` (N, D) float16/float32 tile embeddings;
 - ``coords`` (N, 2) int64 level-0 (x, y) pixel of each tile's top-left corner;
-- ``grid`` (N, 2) int32 (col, row) = floor((coords - min(coords)) / patch_size_level0);
+- ``grid`` (N, 2) int32 (col, row) = floor((coords - min(coords)) / stride_level0), the tile
+  stride (= ``patch_size_level0`` without overlap; TRIDENT/CLAM files: see ``foreign_grid_step``);
 - ``tissue_fraction`` (N,) float32.
 Root attrs carry provenance (encoder, weights, mpp, seed, config hash) and ``complete=True``.
 ``coords`` also carries TRIDENT/CLAM attribute names so their readers work on our files.
@@ -101,6 +102,31 @@ def grid_from_coords(coords: np.ndarray, patch_size_level0: float) -> np.ndarray
         return np.zeros((0, 2), dtype=np.int32)
     rel = coords - coords.min(axis=0, keepdims=True)
     return np.floor(rel / float(patch_size_level0) + 1e-6).astype(np.int32)
+
+
+def foreign_grid_step(coords: np.ndarray, attrs: dict[str, Any]) -> float:
+    """Grid step (level-0 px) of a TRIDENT/CLAM file: the tile *stride*, not the tile size.
+
+    With ``overlap`` (pixels at the target magnification, as TRIDENT writes it) neighbours are
+    ``patch_size_level0 − overlap × patch_size_level0 / patch_size`` level-0 px apart; using the
+    patch size would put several tiles on one cell. Without attrs, the smallest non-zero
+    coordinate step is the stride.
+    """
+    diffs = (
+        np.concatenate([np.diff(np.unique(coords[:, i])) for i in (0, 1)]) if len(coords) else []
+    )
+    diffs = np.asarray(diffs)
+    observed = float(diffs[diffs > 0].min()) if (diffs > 0).any() else None
+    p0 = attrs.get("patch_size_level0")
+    if not p0:
+        return observed or 1.0
+    p0 = float(p0)
+    overlap, patch = float(attrs.get("overlap") or 0), float(attrs.get("patch_size") or 0)
+    stride = p0 - (round(overlap * p0 / patch) if overlap and patch else 0)
+    if stride <= 0:
+        return observed or p0
+    # Coordinates closer than the stated stride: the attrs do not describe this lattice.
+    return observed if observed is not None and observed < stride - 0.5 else stride
 
 
 def write_features(path: str | Path, sf: SlideFeatures) -> Path:
@@ -228,8 +254,9 @@ def read_features(path: str | Path, *, dtype: Any = np.float32) -> SlideFeatures
     """Read and validate (``validate_features``, checksums) a feature file. Also reads
     TRIDENT/CLAM-style files (``features``/``feats`` + ``coords``).
 
-    Foreign files get ``grid`` from coords and their ``patch_size_level0`` attr (or the
-    smallest non-zero coordinate step) and tissue_fraction = 1.
+    Foreign files get ``grid`` from coords on their tile stride (``foreign_grid_step``: the
+    ``patch_size_level0`` and ``overlap`` attrs, or the smallest coordinate step) and
+    tissue_fraction = 1.
     """
     path = Path(path)
     if not path.is_file():
@@ -262,13 +289,10 @@ def read_features(path: str | Path, *, dtype: Any = np.float32) -> SlideFeatures
         if "grid" in f:
             grid = np.asarray(_read_checked(path, f["grid"]), dtype=np.int64)
         else:
-            step = attrs.get("patch_size_level0") or cattrs.get("patch_size_level0")
-            if not step:
-                diffs = np.concatenate([np.diff(np.unique(coords[:, i])) for i in (0, 1)])
-                diffs = diffs[diffs > 0]
-                step = int(diffs.min()) if diffs.size else 1
-            grid = grid_from_coords(coords, float(step))
-            attrs.setdefault("patch_size_level0", step)
+            step = foreign_grid_step(coords, {**cattrs, **attrs})
+            grid = grid_from_coords(coords, step)
+            attrs.setdefault("patch_size_level0", cattrs.get("patch_size_level0", step))
+            attrs.setdefault("stride_level0", step)
         tf = (
             np.asarray(_read_checked(path, f["tissue_fraction"]), dtype=np.float32)
             if "tissue_fraction" in f

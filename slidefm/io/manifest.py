@@ -7,6 +7,8 @@ manifest found halfway through a cohort costs hours.
 from __future__ import annotations
 
 import logging
+import math
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -19,6 +21,32 @@ log = logging.getLogger(__name__)
 
 class ManifestError(ValueError):
     """A manifest the user must fix."""
+
+
+_UNSAFE_ID = re.compile(r"[/\\\x00-\x1f\x7f]")
+
+
+def check_slide_id(slide_id: str, where: str = "") -> str:
+    """``slide_id`` if it is one safe file-name component, else ``ManifestError``.
+
+    Every command names per-slide files ``<slide_id>.h5`` / ``.png`` inside its output folder;
+    ``../x``, ``a/b`` or ``/abs`` would write outside it (or into a hidden subfolder), and a
+    leading dot collides with the atomic writer's temporary names.
+    """
+    sid = str(slide_id)
+    bad = (
+        not sid.strip()
+        or sid in (".", "..")
+        or sid.startswith(".")
+        or bool(_UNSAFE_ID.search(sid))
+        or len(sid.encode()) > 200
+    )
+    if bad:
+        raise ManifestError(
+            f"{where + ': ' if where else ''}slide_id {sid!r} is not a safe file name "
+            "(no '/', '\\', control characters or leading '.', at most 200 bytes); rename it"
+        )
+    return sid
 
 
 def _rows(df: pd.DataFrame, mask: pd.Series, n: int = 5) -> str:
@@ -63,11 +91,15 @@ def read_manifest(
             )
     if "slide_id" in df:
         df["slide_id"] = df["slide_id"].astype(str).str.strip()
+        for i, sid in enumerate(df["slide_id"]):
+            check_slide_id(sid, f"Manifest {path}, row {i + 2}")
         dup = df["slide_id"].duplicated(keep=False)
         if dup.any():
             raise ManifestError(f"Manifest {path}: duplicate slide_id(s): {_rows(df, dup)}")
         if "case_id" not in df:
             df["case_id"] = df["slide_id"]
+    if "mpp" in df:
+        df["mpp"] = _parse_mpp(path)
     if "path" in df:
         base = path.parent
         df["path"] = [
@@ -88,6 +120,31 @@ def read_manifest(
                 f"Manifest {path}: patient(s) in more than one split: {', '.join(bad.index[:5])}"
             )
     return df.reset_index(drop=True)
+
+
+def _parse_mpp(path: Path) -> list[float | None]:
+    """The ``mpp`` column as positive finite floats (empty cell = no override); a value such as
+    ``abc``, ``NaN``, ``0`` or ``-1`` is an error naming its row, read from the raw text so a
+    literal ``NaN`` is not mistaken for an empty cell."""
+    raw = pd.read_csv(path, dtype=str, keep_default_na=False)
+    raw.columns = [str(c).strip() for c in raw.columns]
+    out: list[float | None] = []
+    for i, v in enumerate(raw["mpp"]):
+        v = str(v).strip()
+        if not v:
+            out.append(None)
+            continue
+        try:
+            f = float(v)
+        except ValueError:
+            f = float("nan")
+        if not (math.isfinite(f) and f > 0):
+            raise ManifestError(
+                f"Manifest {path}, row {i + 2}, column 'mpp': {v!r} is not a positive number of "
+                "µm/px (leave the cell empty to use the slide's metadata)"
+            )
+        out.append(f)
+    return out
 
 
 def check_labels(df: pd.DataFrame, column: str, allowed: Iterable | None = None) -> None:

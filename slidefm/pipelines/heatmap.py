@@ -135,6 +135,7 @@ def run(args: argparse.Namespace) -> int:
     )
     from slidefm.eval.report import write_csv, write_json
     from slidefm.io.features import check_encoder_matches, read_features
+    from slidefm.io.manifest import check_slide_id
     from slidefm.io.provenance import figure_note
     from slidefm.models.mil import load_mil_checkpoint
 
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     disp = display_range(scores, args.normalize)[0]
     s = float(sf.attrs["patch_size_level0"])
     out = Path(args.out)
-    sid = sf.slide_id
+    sid = check_slide_id(sf.slide_id, f"{args.features} (attr slide_id)")
     name = f"{kind} ({classes[cls]})" if kind != "attention" else "attention"
     fc = tiles_geojson(
         sf.coords,

@@ -9,7 +9,9 @@ otherwise.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +34,7 @@ SLIDE_EXTENSIONS = (
 
 
 FAST_LEVEL0_VENDORS = ("aperio", "generic-tiff")
+log = logging.getLogger(__name__)
 
 
 class SlideReadError(RuntimeError):
@@ -57,6 +60,7 @@ class SlideInfo:
     mpp: tuple[float, float] | None
     mpp_source: str
     objective_power: float | None
+    integrity: str = "ok"  # "ok", or why the file is damaged but its pixels are still complete
 
     def level_mpp(self, level: int) -> float:
         """µm/px of ``level`` (mean of x and y)."""
@@ -96,6 +100,56 @@ def mpp_from_properties(props: dict[str, str]) -> tuple[tuple[float, float] | No
     return None, "none"
 
 
+class _Collect(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def check_tiff_tiles(path: str | Path, n_levels: int) -> tuple[str | None, str | None]:
+    """(problem, note) about a TIFF's pyramid tiles, read from its directories only.
+
+    problem: why pixels would be missing (a tile of a pyramid level ends beyond the end of
+    the file), or None. note: damage that loses no pixel (e.g. a truncated directory chain
+    after the image data: label/macro lost), or None. Returns (None, None) for a sound file.
+    """
+    import tifffile
+
+    size = os.path.getsize(path)
+    handler = _Collect()
+    tlog = logging.getLogger("tifffile")
+    tlog.addHandler(handler)
+    try:
+        with tifffile.TiffFile(str(path)) as tf:
+            levels = tf.series[0].levels[:n_levels] if tf.series else []
+            n_tiles, bad = 0, []
+            for lvl, series in enumerate(levels):
+                for page in series.pages:
+                    if page is None:
+                        continue
+                    ends = np.asarray(page.dataoffsets, np.int64) + np.asarray(
+                        page.databytecounts, np.int64
+                    )
+                    n_tiles += len(ends)
+                    if (ends > size).any():
+                        bad.append(f"level {lvl}: {int((ends > size).sum())} of {len(ends)} tiles")
+    except Exception as e:  # tifffile raises many types on damaged files
+        return f"cannot read the TIFF directories ({type(e).__name__}: {e})", None
+    finally:
+        tlog.removeHandler(handler)
+    if bad:
+        return f"{'; '.join(bad)} end beyond the end of the file ({size} bytes)", None
+    if handler.messages:
+        return None, (
+            f"damaged TIFF structure ({handler.messages[0]}); all {n_tiles} tiles of its "
+            f"{len(levels)} pyramid level(s) lie inside the file, so the pixels read are complete"
+        )
+    return None, None
+
+
 class SlideReader:
     """Open a slide for reading. Use as a context manager or call ``close()``.
 
@@ -108,6 +162,7 @@ class SlideReader:
         mpp_override: float | None = None,
         backend: str = "auto",
         fast_level0: bool = True,
+        check_integrity: bool = True,
     ):
         self.path = Path(path)
         if not self.path.exists():
@@ -143,6 +198,16 @@ class SlideReader:
             fast_level0 and backend_used == "openslide" and self.info.vendor in FAST_LEVEL0_VENDORS
         )
         self._fast = None
+        if check_integrity and (backend_used == "tiffslide" or self._fast_ok):
+            # tifffile fills tiles it cannot find with zeros instead of failing: prove every
+            # tile of every level lies inside the file, or refuse the slide.
+            problem, note = check_tiff_tiles(self.path, self.info.level_count)
+            if problem:
+                self.close()
+                raise SlideReadError(f"{self.path}: truncated or corrupt file: {problem}")
+            if note:
+                log.warning("%s: %s", self.path, note)
+                self.info = dataclasses.replace(self.info, integrity=note)
 
     def _open(self, backend: str):
         errors = []
@@ -206,7 +271,25 @@ class SlideReader:
         return np.asarray(self.read_region_image(x, y, level, width, height))
 
     def read_region_image(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
-        """Same as ``read_region`` as an RGB PIL image (saves a copy when the caller resamples)."""
+        """Same as ``read_region`` as an RGB PIL image (saves a copy when the caller resamples).
+
+        A region running past the slide's edge is read up to the edge and padded with white
+        (outside the scan = glass), whatever the backend would put there.
+        """
+        x, y, level, width, height = int(x), int(y), int(level), int(width), int(height)
+        ds = self.info.level_downsamples[level]
+        lw, lh = self.info.level_dimensions[level]
+        lx, ly = x / ds, y / ds  # region origin in level pixels
+        w_in = min(width, math.floor(lw - lx)) if lx < lw else 0
+        h_in = min(height, math.floor(lh - ly)) if ly < lh else 0
+        if x >= 0 and y >= 0 and (w_in, h_in) == (width, height):
+            return self._read_inside(x, y, level, width, height)
+        canvas = Image.new("RGB", (width, height), (255, 255, 255))
+        if w_in > 0 and h_in > 0 and x >= 0 and y >= 0:
+            canvas.paste(self._read_inside(x, y, level, w_in, h_in), (0, 0))
+        return canvas
+
+    def _read_inside(self, x: int, y: int, level: int, width: int, height: int) -> Image.Image:
         if level == 0 and self._fast_ok:
             try:
                 if self._fast is None:

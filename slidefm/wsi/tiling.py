@@ -4,6 +4,11 @@ Tiles lie on an integer lattice of level-0 pixels with step ``stride_level0`` st
 (0, 0). Each tile covers exactly ``patch_size × target_mpp`` µm (``extent_level0`` level-0 px,
 a float), so its pixels are resampled from the source at the exact resolution; only its
 top-left corner is snapped to the integer lattice (≤ 0.5 level-0 px).
+
+Border tiles (``border``): ``"drop"`` keeps only tiles wholly inside the slide (the right and
+bottom strips narrower than a tile are lost); ``"pad"`` also keeps tiles that start inside
+the slide and run past its edge; the reader fills the part outside the scan with white
+(background glass), never black. Their tissue fraction counts the outside as background.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import dataclasses
 import numpy as np
 
 from slidefm.io.features import grid_from_coords
+from slidefm.wsi.modes import BORDER_MODES
 from slidefm.wsi.tissue import area_fraction
 
 
@@ -38,6 +44,7 @@ class TileGrid:
     extent_level0: float
     stride_level0: int
     overlap: int
+    border: str = "drop"
 
     def __len__(self) -> int:
         return int(self.coords.shape[0])
@@ -58,13 +65,17 @@ def make_tile_grid(
     patch_size: int = 256,
     overlap: int = 0,
     min_tissue: float = 0.1,
+    border: str = "drop",
 ) -> TileGrid:
     """Lay tiles over a ``width``×``height`` level-0 slide and keep those on tissue.
 
     mask: (h, w) bool tissue mask of a thumbnail; mask_scale: level-0 px per mask px.
     overlap: pixels (at target µm/px) shared by neighbouring tiles.
-    Only whole tiles inside the slide are kept. Raises ``EmptyTissueError`` when none pass.
+    border: ``"drop"`` (whole tiles inside the slide only) or ``"pad"`` (see module doc).
+    Raises ``EmptyTissueError`` when no tile passes.
     """
+    if border not in BORDER_MODES:
+        raise ValueError(f"border must be one of {', '.join(BORDER_MODES)}, got {border!r}")
     if not 0 <= overlap < patch_size:
         raise ValueError(f"overlap must be in [0, patch_size), got {overlap}")
     extent = patch_size * target_mpp / level0_mpp
@@ -73,10 +84,14 @@ def make_tile_grid(
         raise ValueError(
             f"tile stride < 1 level-0 px (target_mpp={target_mpp}, level0_mpp={level0_mpp})"
         )
-    xs = np.arange(0, max(0.0, width - extent) + 1, stride, dtype=np.int64)
-    ys = np.arange(0, max(0.0, height - extent) + 1, stride, dtype=np.int64)
-    if extent > width or extent > height:
-        xs, ys = xs[:0], ys[:0]
+    if border == "pad":
+        xs = np.arange(0, width, stride, dtype=np.int64)
+        ys = np.arange(0, height, stride, dtype=np.int64)
+    else:
+        xs = np.arange(0, max(0.0, width - extent) + 1, stride, dtype=np.int64)
+        ys = np.arange(0, max(0.0, height - extent) + 1, stride, dtype=np.int64)
+        if extent > width or extent > height:
+            xs, ys = xs[:0], ys[:0]
     gx, gy = np.meshgrid(xs, ys)
     coords = np.stack([gx.ravel(), gy.ravel()], axis=1)
     boxes = np.concatenate([coords, coords + extent], axis=1) / mask_scale
@@ -98,4 +113,5 @@ def make_tile_grid(
         extent_level0=float(extent),
         stride_level0=int(stride),
         overlap=overlap,
+        border=border,
     )

@@ -1,9 +1,14 @@
-"""Tissue detection on a thumbnail: Otsu on HSV saturation, pen ink and dark artefacts removed,
+"""Tissue detection on a thumbnail, for bright-field (H&E, IHC) and fluorescence slides,
 then morphological clean-up and hole filling.
 
-Saturation separates stained tissue from white glass; a plain Otsu also keeps pen marks, which
-are even more saturated, so ink hues (green/blue, far from H&E's pink–purple) and near-black
-pixels are dropped before thresholding.
+Bright-field: Otsu on HSV saturation separates stained tissue from white glass; a plain Otsu
+also keeps pen marks, which are even more saturated, so ink hues (green/blue, far from H&E's
+pink–purple) and near-black pixels are dropped before thresholding.
+Fluorescence (DAPI, multiplex IF): the background is dark and tissue is signal above it, in
+any channel, so the rule is Otsu on the per-pixel channel maximum, floored a few noise levels
+above the background. ``mode="auto"`` tells the two apart by how much of the thumbnail is dark.
+Holes are filled only when they do not touch the image border: glass reaching the edge of the
+scan is background, not a hole in the tissue.
 """
 
 from __future__ import annotations
@@ -15,12 +20,16 @@ import numpy as np
 from scipy import ndimage
 from skimage.color import rgb2hsv
 from skimage.filters import threshold_otsu
-from skimage.morphology import disk, remove_small_holes, remove_small_objects
+from skimage.morphology import disk, remove_small_objects
+
+from slidefm.wsi.modes import TISSUE_MODES
 
 
 @dataclasses.dataclass(frozen=True)
 class TissueConfig:
     """Tissue-mask options. Areas are in µm² so they mean the same at any thumbnail scale."""
+
+    mode: str = "auto"  # auto | brightfield | fluorescence (see ``detect_modality``)
 
     min_saturation: float = 0.07  # floor on the Otsu threshold: faint glass never counts as tissue
     max_value_dark: float = 0.15  # HSV value below this is pen/black artefact, not tissue
@@ -33,12 +42,58 @@ class TissueConfig:
     max_hole_um2: float = 200_000.0  # fill holes smaller than this
     thumb_mpp: float = 8.0  # thumbnail resolution, µm/px (bounded by max size below)
     thumb_max_size: int = 4096
+    dark_value: float = 0.2  # channel max below this is "dark" (fluorescence background)
+    fluorescence_dark_fraction: float = 0.5  # auto: ≥ this fraction of dark pixels → fluorescence
+    fluorescence_min_signal: float = 0.04  # floor on the signal threshold above background
+
+    def __post_init__(self) -> None:
+        if self.mode not in TISSUE_MODES:
+            raise ValueError(
+                f"tissue mode must be one of {', '.join(TISSUE_MODES)}, got {self.mode!r}"
+            )
+
+
+def detect_modality(rgb: np.ndarray, cfg: TissueConfig = TissueConfig()) -> str:
+    """``"fluorescence"`` or ``"brightfield"`` for an RGB thumbnail (h, w, 3) uint8.
+
+    Bright-field glass is near white, so even a slide full of tissue has few dark pixels
+    (H&E nuclei are dark purple, not black); a fluorescence slide is mostly dark background.
+    """
+    if cfg.mode != "auto":
+        return cfg.mode
+    dark = (rgb.max(axis=-1) / 255.0) < cfg.dark_value
+    return "fluorescence" if dark.mean() >= cfg.fluorescence_dark_fraction else "brightfield"
 
 
 def tissue_mask(
     rgb: np.ndarray, thumb_mpp: float, cfg: TissueConfig = TissueConfig()
 ) -> np.ndarray:
-    """Boolean tissue mask (h, w) for an RGB thumbnail (h, w, 3) uint8 at ``thumb_mpp`` µm/px."""
+    """Boolean tissue mask (h, w) for an RGB thumbnail (h, w, 3) uint8 at ``thumb_mpp`` µm/px.
+
+    The rule follows ``detect_modality(rgb, cfg)`` (bright-field or fluorescence).
+    """
+    if detect_modality(rgb, cfg) == "fluorescence":
+        mask = _fluorescence_foreground(rgb, cfg)
+    else:
+        mask = _brightfield_foreground(rgb, cfg)
+    if mask is None:
+        return np.zeros(rgb.shape[:2], dtype=bool)
+    return _clean(mask, thumb_mpp, cfg)
+
+
+def _fluorescence_foreground(rgb: np.ndarray, cfg: TissueConfig) -> np.ndarray | None:
+    """Signal above a dark background: Otsu on the channel maximum, floored above the noise."""
+    inten = rgb.max(axis=-1).astype(np.float64) / 255.0
+    if np.ptp(inten) == 0:
+        return None
+    bg = float(np.median(inten[inten < cfg.dark_value])) if (inten < cfg.dark_value).any() else 0.0
+    noise = float(np.median(np.abs(inten - bg)))
+    thr = max(float(threshold_otsu(inten)), bg + 3 * noise, bg + cfg.fluorescence_min_signal)
+    return inten > thr
+
+
+def _brightfield_foreground(rgb: np.ndarray, cfg: TissueConfig) -> np.ndarray | None:
+    """Stain saturation above glass (Otsu, floored), pen ink and black artefacts removed."""
     hsv = rgb2hsv(rgb)
     hue, sat, val = hsv[..., 0], hsv[..., 1], hsv[..., 2]
     candidate = val >= cfg.max_value_dark
@@ -48,9 +103,13 @@ def tissue_mask(
         candidate &= ~pen
     vals = sat[candidate]
     if vals.size == 0 or np.ptp(vals) == 0:
-        return np.zeros(rgb.shape[:2], dtype=bool)
+        return None
     thr = max(float(threshold_otsu(vals)), cfg.min_saturation)
-    mask = candidate & (sat > thr)
+    return candidate & (sat > thr)
+
+
+def _clean(mask: np.ndarray, thumb_mpp: float, cfg: TissueConfig) -> np.ndarray:
+    """Closing, opening, small objects removed, interior holes (not touching the border) filled."""
     px_area = thumb_mpp**2
     r_close = max(0, round(cfg.close_um / thumb_mpp))
     r_open = max(0, round(cfg.open_um / thumb_mpp))
@@ -61,8 +120,21 @@ def tissue_mask(
     if r_open:
         mask = ndimage.binary_opening(mask, disk(r_open))
     mask = remove_small_objects(mask, max_size=max(1, int(cfg.min_object_um2 / px_area)))
-    mask = remove_small_holes(mask, max_size=max(1, int(cfg.max_hole_um2 / px_area)))
-    return mask
+    return fill_interior_holes(mask, max(1, int(cfg.max_hole_um2 / px_area)))
+
+
+def fill_interior_holes(mask: np.ndarray, max_size: int) -> np.ndarray:
+    """``mask`` with background components of ≤ ``max_size`` px filled, except those touching
+    the image border (glass at the edge of the scan is background, not a hole)."""
+    labels, n = ndimage.label(~mask)
+    if n == 0:
+        return mask
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    fill = sizes <= max_size
+    fill[0] = False
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    fill[border] = False
+    return mask | fill[labels]
 
 
 def slide_tissue_mask(
