@@ -115,15 +115,18 @@ def main() -> int:
     cohort, feats = a.out / "cohort", a.out / "features"
     manifest = cohort / "manifest.csv"
     n_slides, folds, synth_cfg, pre_cfg = a.n_slides, a.folds, "default", "synthetic"
-    train_extra = []
+    train_extra, encode_extra = [], []
     if a.quick:
         n_slides, folds, synth_cfg, pre_cfg = 40, 3, "tiny", "tiny"
         train_extra = ["--epochs", "2", "--set", "head_epochs=5"]
+        # A tiny slide (192 µm square) is smaller than the default 50,000 µm² speck size.
+        encode_extra = ["--set", "tissue.min_object_um2=1000"]
     if not manifest.is_file() or TIME not in pd.read_csv(manifest, nrows=1):
         step(["synth-cohort", "--out", str(cohort), "--n-slides", str(n_slides)]
              + ["--config", synth_cfg, "--seed", "0", "--no-progress"])  # fmt: skip
     step(["encode-slides", "--manifest", str(manifest), "--out", str(feats)]
-         + ["--encoder", "vit_tiny_dev", "--weights", "random", "--no-qc", "--no-progress"])  # fmt: skip
+         + ["--encoder", "vit_tiny_dev", "--weights", "random", "--no-qc", "--no-progress"]
+         + encode_extra)  # fmt: skip
     models = [m for m in a.models.split(",") if m]
     encoder = a.out / "pretrain" / "encoder.pt"
     if "slide_encoder" in models and not encoder.is_file():

@@ -59,7 +59,7 @@ def test_text_tower_section_of_the_wrong_shape(tmp_path, capsys):
     msg = _one_line_error(argv + ["--set", "model.text.bogus=1"], capsys)
     assert "Unknown TextTowerConfig option(s): bogus" in msg  # before: TypeError traceback
     msg = _one_line_error(argv + ["--set", "model.text=7"], capsys)
-    assert "TextTowerConfig options must be a mapping" in msg
+    assert "option 'text' must be dict, got 7" in msg  # typed config check names the section
 
 
 def _truncated(path, size=64):

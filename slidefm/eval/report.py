@@ -41,6 +41,38 @@ def _seed_mean(fn):
     return inner
 
 
+def summarise_metrics(
+    fns: dict,
+    y: np.ndarray,
+    p_seeded: np.ndarray,
+    groups: np.ndarray,
+    fold_df: pd.DataFrame,
+    seed_df: pd.DataFrame,
+    n_boot: int,
+    alpha: float,
+    seed: int,
+) -> dict[str, dict[str, float]]:
+    """{metric: value + patient-bootstrap CI of the seed-mean, sd over seeds, fold mean/sd}.
+
+    ``p_seeded`` is the predictions with their seed in column 0 (see ``_seed_mean``); one
+    summary rule for every task (classification here, survival in ``eval.survival``).
+    """
+    summary = {}
+    for i, (name, fn) in enumerate(fns.items()):
+        v, lo, hi = bootstrap_ci(
+            _seed_mean(fn), y, p_seeded, n_boot=n_boot, alpha=alpha, seed=seed + i, groups=groups
+        )
+        summary[name] = {
+            "value": v,
+            "lo": lo,
+            "hi": hi,
+            "sd_over_seeds": float(seed_df[name].std(ddof=1)) if len(seed_df) > 1 else 0.0,
+            "fold_mean": float(fold_df[name].mean()),
+            "fold_sd": float(fold_df[name].std(ddof=1)) if len(fold_df) > 1 else 0.0,
+        }
+    return summary
+
+
 def evaluate_predictions(
     preds: pd.DataFrame, task: Task, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
 ) -> dict[str, Any]:
@@ -74,25 +106,9 @@ def evaluate_predictions(
     y, p = _arrays(preds, task)
     p_seeded = np.concatenate([preds[["seed"]].to_numpy(dtype=np.float64), p], axis=1)
     fold_df, seed_df = pd.DataFrame(folds), pd.DataFrame(seeds)
-    summary = {}
-    for i, (name, fn) in enumerate(fns.items()):
-        v, lo, hi = bootstrap_ci(
-            _seed_mean(fn),
-            y,
-            p_seeded,
-            n_boot=n_boot,
-            alpha=alpha,
-            seed=seed + i,
-            groups=preds["case_id"].to_numpy(),
-        )
-        summary[name] = {
-            "value": v,
-            "lo": lo,
-            "hi": hi,
-            "sd_over_seeds": float(seed_df[name].std(ddof=1)) if len(seed_df) > 1 else 0.0,
-            "fold_mean": float(fold_df[name].mean()),
-            "fold_sd": float(fold_df[name].std(ddof=1)) if len(fold_df) > 1 else 0.0,
-        }
+    summary = summarise_metrics(
+        fns, y, p_seeded, preds["case_id"].to_numpy(), fold_df, seed_df, n_boot, alpha, seed
+    )
     return {
         "per_fold": folds,
         "per_seed": seeds,

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from slidefm.eval.metrics import _save_fig, bootstrap_ci
-from slidefm.eval.report import _seed_mean, write_csv, write_json
+from slidefm.eval.report import summarise_metrics, write_csv, write_json
 
 
 def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
@@ -164,25 +164,9 @@ def evaluate_survival(
     fold_df, seed_df = pd.DataFrame(folds), pd.DataFrame(seeds)
     y = preds[["time", "event"]].to_numpy(np.float64)
     s_seeded = preds[["seed", risk_col]].to_numpy(np.float64)
-    summary = {}
-    for i, (name, fn) in enumerate(fns.items()):
-        v, lo, hi = bootstrap_ci(
-            _seed_mean(fn),
-            y,
-            s_seeded,
-            n_boot=n_boot,
-            alpha=alpha,
-            seed=seed + i,
-            groups=preds["case_id"].to_numpy(),
-        )
-        summary[name] = {
-            "value": v,
-            "lo": lo,
-            "hi": hi,
-            "sd_over_seeds": float(seed_df[name].std(ddof=1)) if len(seed_df) > 1 else 0.0,
-            "fold_mean": float(fold_df[name].mean()),
-            "fold_sd": float(fold_df[name].std(ddof=1)) if len(fold_df) > 1 else 0.0,
-        }
+    summary = summarise_metrics(
+        fns, y, s_seeded, preds["case_id"].to_numpy(), fold_df, seed_df, n_boot, alpha, seed
+    )
     return {
         "per_fold": folds,
         "per_seed": seeds,

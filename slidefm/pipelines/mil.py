@@ -573,6 +573,35 @@ def build_splits(
     return splits
 
 
+def finished_fold(fold_dir: Path, chash: str) -> pd.DataFrame | None:
+    """The predictions of a fold finished by the same run (same ``config_hash``), else None."""
+    import pandas as pd
+
+    done, meta_path = fold_dir / "predictions.csv", fold_dir / "meta.json"
+    if (
+        done.is_file()
+        and meta_path.is_file()
+        and json.loads(meta_path.read_text()).get("config_hash") == chash
+    ):
+        return pd.read_csv(done, dtype={"slide_id": str, "case_id": str})
+    return None
+
+
+def fold_split(
+    part: pd.DataFrame, pos: dict[str, int], seed: int, fold: int
+) -> dict[str, np.ndarray]:
+    """Row indices of one fold's train/val/test; an empty one is an error naming the fold."""
+    from slidefm.eval.splits import fold_indices
+
+    idx = fold_indices(part, pos)
+    for name in ("train", "val", "test"):
+        if len(idx[name]) == 0:
+            raise ValueError(
+                f"seed {seed} fold {fold}: empty {name} split; use fewer folds or more patients"
+            )
+    return idx
+
+
 def run_cv(
     df: pd.DataFrame,
     task: Task,
@@ -587,7 +616,6 @@ def run_cv(
     from tqdm import tqdm
 
     from slidefm.eval.report import write_csv, write_json
-    from slidefm.eval.splits import fold_indices
     from slidefm.eval.targets import encode_targets, prediction_frame
     from slidefm.models.mil import save_mil_checkpoint
 
@@ -606,21 +634,12 @@ def run_cv(
     for (seed, fold), part in bar:
         bar.set_postfix(seed=seed, fold=fold)
         fold_dir = out / f"seed{seed}" / f"fold{fold}"
-        done, meta_path = fold_dir / "predictions.csv", fold_dir / "meta.json"
-        if (
-            done.is_file()
-            and meta_path.is_file()
-            and json.loads(meta_path.read_text()).get("config_hash") == chash
-        ):
+        finished = finished_fold(fold_dir, chash)
+        if finished is not None:
             log.info("seed %s fold %s: done, skipping", seed, fold)
-            all_preds.append(pd.read_csv(done, dtype={"slide_id": str, "case_id": str}))
+            all_preds.append(finished)
             continue
-        idx = fold_indices(part, pos)
-        for name in ("train", "val", "test"):
-            if len(idx[name]) == 0:
-                raise ValueError(
-                    f"seed {seed} fold {fold}: empty {name} split; use fewer folds or more patients"
-                )
+        idx = fold_split(part, pos, seed, fold)
         log.debug(
             "seed %s fold %s: %d train / %d val / %d test slides",
             seed,
@@ -645,7 +664,7 @@ def run_cv(
         )
         save_mil_checkpoint(fold_dir / "model.pt", model, meta)
         write_json(meta, fold_dir / "meta.json")
-        write_csv(preds, done)
+        write_csv(preds, fold_dir / "predictions.csv")  # last: it marks the fold finished
         all_preds.append(preds)
     return pd.concat(all_preds, ignore_index=True)
 

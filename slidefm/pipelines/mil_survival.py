@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -29,7 +28,6 @@ from tqdm import tqdm
 import slidefm
 from slidefm.config import config_hash
 from slidefm.eval.report import format_summary, write_csv, write_json
-from slidefm.eval.splits import fold_indices
 from slidefm.eval.survival import (
     default_horizons,
     evaluate_survival,
@@ -47,6 +45,8 @@ from slidefm.pipelines.mil import (
     MILConfig,
     build_splits,
     config_from_args,
+    finished_fold,
+    fold_split,
     load_bags,
     parse_seeds,
     predict_bags,
@@ -106,20 +106,11 @@ def run_survival_cv(
     bar = tqdm(groups, desc=f"survival {cfg.model}", unit="fold", disable=not progress)
     for (seed, fold), part in bar:
         fold_dir = out / f"seed{seed}" / f"fold{fold}"
-        done, meta_path = fold_dir / "predictions.csv", fold_dir / "meta.json"
-        if (
-            done.is_file()
-            and meta_path.is_file()
-            and json.loads(meta_path.read_text()).get("config_hash") == chash
-        ):
-            all_preds.append(pd.read_csv(done, dtype={"slide_id": str, "case_id": str}))
+        finished = finished_fold(fold_dir, chash)
+        if finished is not None:
+            all_preds.append(finished)
             continue
-        idx = fold_indices(part, pos)
-        for name in ("train", "val", "test"):
-            if len(idx[name]) == 0:
-                raise ValueError(
-                    f"seed {seed} fold {fold}: empty {name} split; use fewer folds or more patients"
-                )
+        idx = fold_split(part, pos, seed, fold)
         if event[idx["train"]].sum() == 0:
             raise ValueError(f"seed {seed} fold {fold}: no event among the training patients")
         objective = SurvivalObjective.fit(
@@ -160,7 +151,7 @@ def run_survival_cv(
         )
         save_mil_checkpoint(fold_dir / "model.pt", model, meta)
         write_json(meta, fold_dir / "meta.json")
-        write_csv(preds, done)
+        write_csv(preds, fold_dir / "predictions.csv")  # last: it marks the fold finished
         all_preds.append(preds)
     return pd.concat(all_preds, ignore_index=True)
 

@@ -55,13 +55,7 @@ def run(args: argparse.Namespace) -> int:
         write_json,
         write_report,
     )
-    from slidefm.eval.splits import (
-        fold_indices,
-        load_or_make_splits,
-        load_splits,
-        save_splits,
-        splits_from_manifest,
-    )
+    from slidefm.eval.splits import fold_indices, probe_splits
     from slidefm.eval.targets import (
         aggregate_patients,
         check_class_sizes,
@@ -93,16 +87,7 @@ def run(args: argparse.Namespace) -> int:
     y = encode_targets(df, task)
     ids, emb, emb_attrs = read_embeddings(args.embeddings)
     x = align_embeddings(df, list(ids), emb)
-    sdf = df.assign(_stratum=df[args.label].astype(str))
-    if args.splits:
-        splits = load_splits(args.splits, df["slide_id"].astype(str).tolist())
-        splits = splits[splits["seed"].isin(seeds)].reset_index(drop=True)
-        save_splits(splits, out / "splits.csv")
-    elif args.folds == 0:
-        splits = splits_from_manifest(sdf, "_stratum", seeds)
-        save_splits(splits, out / "splits.csv")
-    else:
-        splits = load_or_make_splits(out / "splits.csv", sdf, "_stratum", args.folds, seeds)
+    splits = probe_splits(df, df[args.label], seeds, out / "splits.csv", args.splits, args.folds)
     pos = {s: i for i, s in enumerate(df["slide_id"].astype(str))}
     rows: dict[str, list[pd.DataFrame]] = {"linear": [], "knn": []}
     fs_rows, chosen_c = [], []

@@ -18,13 +18,7 @@ from tqdm import tqdm
 import slidefm
 from slidefm.eval.probes import cox_probe
 from slidefm.eval.report import format_summary, write_csv
-from slidefm.eval.splits import (
-    fold_indices,
-    load_or_make_splits,
-    load_splits,
-    save_splits,
-    splits_from_manifest,
-)
+from slidefm.eval.splits import fold_indices, probe_splits
 from slidefm.eval.survival import (
     evaluate_survival,
     normalise_fold_risk,
@@ -48,16 +42,7 @@ def run_survival_probe(args: argparse.Namespace) -> int:
     time, event = check_survival(df, args.time, args.event)
     ids, emb, emb_attrs = read_embeddings(args.embeddings)
     x = align_embeddings(df, list(ids), emb)
-    sdf = df.assign(_stratum=event.astype(str))
-    if args.splits:
-        splits = load_splits(args.splits, df["slide_id"].astype(str).tolist())
-        splits = splits[splits["seed"].isin(seeds)].reset_index(drop=True)
-        save_splits(splits, out / "splits.csv")
-    elif args.folds == 0:
-        splits = splits_from_manifest(sdf, "_stratum", seeds)
-        save_splits(splits, out / "splits.csv")
-    else:
-        splits = load_or_make_splits(out / "splits.csv", sdf, "_stratum", args.folds, seeds)
+    splits = probe_splits(df, event, seeds, out / "splits.csv", args.splits, args.folds)
     pos = {s: i for i, s in enumerate(df["slide_id"].astype(str))}
     rows, chosen = [], []
     groups = list(splits.groupby(["seed", "fold"], sort=True))
