@@ -65,8 +65,12 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    from slidefm.runtime import check_interrupted, install_interrupt_flag
+
+    install_interrupt_flag()
     try:
         rc = args.func(args)
+        check_interrupted()  # a Ctrl-C swallowed in a destructor still ends the run as interrupted
     except KeyboardInterrupt:
         print(
             "Interrupted: finished outputs are complete; re-run the same command to resume.",

@@ -77,3 +77,27 @@ def effective_precision(device: torch.device, precision: str = "auto") -> str:
 def dist_info() -> tuple[int, int]:
     """(rank, world_size) from torchrun's environment; (0, 1) when not distributed."""
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+_INTERRUPTED = False
+
+
+def _on_sigint(signum: int, frame: Any) -> None:
+    global _INTERRUPTED
+    _INTERRUPTED = True
+    raise KeyboardInterrupt
+
+
+def install_interrupt_flag() -> None:
+    """Ctrl-C raises KeyboardInterrupt as usual and is also remembered: an interrupt raised while
+    Python runs a destructor (e.g. a DataLoader shutting its workers down between slides) is
+    swallowed by the interpreter, so long loops call ``check_interrupted`` at safe points."""
+    import signal
+
+    signal.signal(signal.SIGINT, _on_sigint)
+
+
+def check_interrupted() -> None:
+    """Re-raise a Ctrl-C that arrived but was swallowed (see ``install_interrupt_flag``)."""
+    if _INTERRUPTED:
+        raise KeyboardInterrupt

@@ -36,7 +36,13 @@ from slidefm.config import (
     resolve_config_path,
 )
 from slidefm.io.atomic import atomic_path, clean_stale_tmp
-from slidefm.runtime import dist_info, effective_precision, pick_device, seed_everything
+from slidefm.runtime import (
+    check_interrupted,
+    dist_info,
+    effective_precision,
+    pick_device,
+    seed_everything,
+)
 from slidefm.wsi.modes import BORDER_MODES, TISSUE_MODES
 from slidefm.wsi.reader import SLIDE_EXTENSIONS, SlideReader, SlideReadError, slide_id_from_path
 
@@ -504,6 +510,7 @@ def run_encode(
     total_tiles, t_start = 0, time.perf_counter()
     bar = tqdm(todo, desc="slides", unit="slide", disable=not progress)
     for job, chash in bar:
+        check_interrupted()  # a Ctrl-C lost in a DataLoader's shutdown stops before the next slide
         t0 = time.perf_counter()
         try:
             n = encode_slide(job, cfg, encoder, out_dir, seed, chash)
