@@ -142,6 +142,22 @@ def write_json(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def write_result_tables(
+    result: dict[str, Any], meta: dict[str, Any], out: Path, prefix: str = ""
+) -> dict[str, Path]:
+    """The per-fold and per-seed metric CSVs and ``results.json`` (``meta`` + result) of one
+    protocol run, for every task; returns their paths by name."""
+    return {
+        "fold_metrics": write_csv(
+            pd.DataFrame(result["per_fold"]), out / f"{prefix}fold_metrics.csv"
+        ),
+        "seed_metrics": write_csv(
+            pd.DataFrame(result["per_seed"]), out / f"{prefix}seed_metrics.csv"
+        ),
+        "results": write_json({**meta, **result}, out / f"{prefix}results.json"),
+    }
+
+
 def write_report(
     out_dir: str | Path,
     preds: pd.DataFrame,
@@ -153,15 +169,7 @@ def write_report(
     """Write ``{prefix}fold_metrics.csv``, ``{prefix}seed_metrics.csv``, ``{prefix}results.json``
     (``meta`` + result) and one pooled ROC PNG per seed; returns the paths."""
     out = Path(out_dir)
-    paths = {
-        "fold_metrics": write_csv(
-            pd.DataFrame(result["per_fold"]), out / f"{prefix}fold_metrics.csv"
-        ),
-        "seed_metrics": write_csv(
-            pd.DataFrame(result["per_seed"]), out / f"{prefix}seed_metrics.csv"
-        ),
-        "results": write_json({**meta, **result}, out / f"{prefix}results.json"),
-    }
+    paths = write_result_tables(result, meta, out, prefix)
     model = str(meta.get("model", ""))
     note = "; ".join(meta.get("notes", []))
     for s, part in preds.groupby("seed"):

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from slidefm.eval.metrics import _save_fig, bootstrap_ci
-from slidefm.eval.report import summarise_metrics, write_csv, write_json
+from slidefm.eval.report import summarise_metrics, write_result_tables
 
 
 def concordance_index(time: np.ndarray, event: np.ndarray, risk: np.ndarray) -> float:
@@ -264,15 +264,7 @@ def write_survival_report(
     """``{prefix}fold_metrics.csv``, ``{prefix}seed_metrics.csv``, ``{prefix}results.json`` and
     one Kaplan–Meier PNG per seed (``{prefix}km_seed<s>.png``) of the pooled out-of-fold risk."""
     out = Path(out_dir)
-    paths = {
-        "fold_metrics": write_csv(
-            pd.DataFrame(result["per_fold"]), out / f"{prefix}fold_metrics.csv"
-        ),
-        "seed_metrics": write_csv(
-            pd.DataFrame(result["per_seed"]), out / f"{prefix}seed_metrics.csv"
-        ),
-        "results": write_json({**meta, **result}, out / f"{prefix}results.json"),
-    }
+    paths = write_result_tables(result, meta, out, prefix)
     what = meta.get("model") or meta.get("probe") or "model"
     for s, part in preds.groupby("seed"):
         c = concordance_index(part["time"], part["event"], part[risk_col])
