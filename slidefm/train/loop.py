@@ -37,6 +37,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from slidefm.io.atomic import atomic_path, clean_stale_tmp
+from slidefm.io.checkpoints import read_checkpoint, save_checkpoint
 from slidefm.io.provenance import add_figure_note
 from slidefm.io.torch_file import CheckpointError, load_torch_file
 from slidefm.runtime import autocast, dist_info, pick_device, seed_everything
@@ -386,8 +387,7 @@ class Trainer:
             "step": self.step,
         }
         if self.is_main:
-            with atomic_path(self.best_path) as tmp:
-                torch.save({"model": self.module.state_dict(), **self.best}, tmp)
+            save_checkpoint(self.best_path, self.module, "train_best", provenance=self.best)
 
     def _sync_best(self) -> None:
         """Eval runs on rank 0 only: every rank takes rank 0's view of the best step."""
@@ -414,7 +414,8 @@ class Trainer:
                 self.step,
             )
             return {**sel, "value": None, "step": self.step, "restored": False}
-        state = torch.load(self.best_path, map_location="cpu", weights_only=True)
+        best = read_checkpoint(self.best_path, "train_best")
+        state = {"model": best["state_dict"], **best["provenance"]}
         if state["step"] != self.best["step"]:
             raise RuntimeError(
                 f"{self.best_path} holds step {state['step']} but the best {name} was at step "
