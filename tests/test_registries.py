@@ -169,3 +169,47 @@ def test_text_tower_from_an_alignment_checkpoint_is_its_text_tower(shared_data, 
         torch.testing.assert_close(tower(ids), model.text_tower(ids), atol=0, rtol=0)
     with pytest.raises(ValueError, match="fixes pool"):  # the checkpoint's tower is the mean one
         create_text_tower("sentencepiece", weights=tmp_path / "align.pt")
+
+
+# --------------------------------------------------- one grammar: NAME + --weights random | PATH
+def test_random_weights_have_one_spelling_and_the_old_ones_warn(tmp_path, caplog):
+    import hashlib
+    import logging
+
+    from slidefm.models.registry import slide_encoder_from_spec
+
+    x, grid = _bag(10, 16, 3)
+
+    def embed(spec, weights=None):
+        torch.manual_seed(5)
+        enc, info = slide_encoder_from_spec(spec, weights, input_dim=16)
+        with torch.no_grad():
+            return enc.eval()(x, grid), info
+
+    caplog.set_level(logging.WARNING)
+    new, info = embed("tiny", "random")
+    assert info == {"slide_encoder": "tiny", "slide_encoder_weights": "random",
+                    "slide_encoder_sha256": "random"}  # fmt: skip
+    assert "DEPRECATED" not in caplog.text
+    for old in ("random:tiny", "tiny"):  # align's and mil's spellings before the registry
+        caplog.clear()
+        got, info = embed(old)
+        assert info["slide_encoder_weights"] == "random"
+        torch.testing.assert_close(got, new, atol=0, rtol=0)  # same seed, same encoder
+        assert "DEPRECATED" in caplog.text and "'tiny' with --weights random" in caplog.text
+    torch.manual_seed(5)
+    enc = slide_encoder_from_spec("tiny", "random", 16)[0]
+    enc.save_checkpoint(tmp_path / "enc.pt")
+    _, info = slide_encoder_from_spec(str(tmp_path / "enc.pt"), input_dim=16)
+    want = hashlib.sha256((tmp_path / "enc.pt").read_bytes()).hexdigest()
+    assert info["slide_encoder_weights"] == "pretrained" and info["slide_encoder_sha256"] == want
+    with pytest.raises(ValueError, match="takes 16-d tile features but these are 8-d"):
+        slide_encoder_from_spec(str(tmp_path / "enc.pt"), input_dim=8)
+    with pytest.raises(ValueError, match="is a checkpoint"):
+        slide_encoder_from_spec(str(tmp_path / "enc.pt"), "random")
+    with pytest.raises(ValueError, match="needs --weights hub.*or --weights random"):
+        slide_encoder_from_spec("gigapath")
+    with pytest.raises(ValueError, match="unknown slide encoder 'nope'"):
+        slide_encoder_from_spec("nope", "random")
+    with pytest.raises(FileNotFoundError, match="missing.pt not found"):
+        slide_encoder_from_spec(str(tmp_path / "missing.pt"))

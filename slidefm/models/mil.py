@@ -551,22 +551,22 @@ def save_mil_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]
     return save_checkpoint(path, model, KIND, config, provenance)
 
 
-def build_slide_encoder(spec: str, in_dim: int) -> tuple[nn.Module, str]:
-    """A slide encoder from a checkpoint file or a config name → (encoder, weights), where
-    ``weights`` is the checkpoint path or ``"random"`` (config only: random initialisation,
-    with ``input_dim`` set to the tile-feature width ``in_dim``)."""
-    from slidefm.models.slide_encoder import SlideEncoder
+def build_slide_encoder(
+    spec: str, in_dim: int, weights: str | None = None
+) -> tuple[nn.Module, str]:
+    """A slide encoder from a checkpoint file, or a registry name with ``weights`` (``random``
+    builds it for ``in_dim``-d tile features) → (encoder, weights id): the checkpoint's absolute
+    path (``NAME@sha256:…`` for registry weights) or ``"random"``. The grammar is
+    ``models.registry.slide_encoder_from_spec``'s (a bare config name still means random, with
+    a DEPRECATED warning)."""
+    from slidefm.models.registry import slide_encoder_from_spec
 
-    weights = slide_encoder_weights(spec)
-    if weights == "random":
-        return SlideEncoder.from_config(spec, input_dim=in_dim), weights
-    enc = SlideEncoder.from_checkpoint(spec)
-    if enc.config.input_dim != in_dim:
-        raise ValueError(
-            f"slide encoder {spec} takes {enc.config.input_dim}-d tile features but these are "
-            f"{in_dim}-d; use features from the tile encoder it was pretrained on"
-        )
-    return enc, weights
+    enc, info = slide_encoder_from_spec(spec, weights, input_dim=in_dim)
+    if info["slide_encoder_weights"] == "random":
+        return enc, "random"
+    if Path(info["slide_encoder"]).is_file():
+        return enc, info["slide_encoder"]
+    return enc, f"{info['slide_encoder']}@sha256:{info['slide_encoder_sha256']}"
 
 
 def slide_encoder_from_config_dict(config: dict[str, Any]) -> nn.Module:
