@@ -213,3 +213,17 @@ def test_random_weights_have_one_spelling_and_the_old_ones_warn(tmp_path, caplog
         slide_encoder_from_spec("nope", "random")
     with pytest.raises(FileNotFoundError, match="missing.pt not found"):
         slide_encoder_from_spec(str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize(
+    ("command", "names"), [("mil-heads", list_mil_heads), ("text-towers", list_text_towers)]
+)
+def test_list_commands_print_one_row_per_entry(command, names, capsys):
+    from slidefm.cli import main
+
+    assert main([command, "list", "--details"]) == 0
+    out = capsys.readouterr().out
+    table = out.split("\n\n")[0].splitlines()
+    assert table[0].startswith("name ") and set(table[1]) <= {"-", " "}
+    assert [row.split()[0] for row in table[2:]] == names()
+    assert all(f"{n}: " in out for n in names())  # --details: one description line each

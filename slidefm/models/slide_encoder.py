@@ -255,9 +255,12 @@ class SlideEncoder(nn.Module):
 
     @staticmethod
     def _read_checkpoint(path: str | Path) -> dict[str, Any]:
+        """The checkpoint's payload, with ``slidefm_version`` and ``extra`` at the top level (as
+        in the format before ``slidefm.io.checkpoints``)."""
         from slidefm.io.checkpoints import read_checkpoint
 
-        return read_checkpoint(path, KIND)
+        payload = read_checkpoint(path, KIND)
+        return {**payload, **_meta(payload)}
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Load weights saved by ``save_checkpoint`` into this encoder (architectures must match);

@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
         for name in list_mil_heads():
             print(f"{name}: {get_mil_head(name).description}")
     print(
-        "\nUse: slidefm mil train --model NAME [--set model_kwargs.OPTION=V]; weights are "
-        "random (seeded) until trained; slide_encoder takes --slide-encoder."
+        "\nUse: slidefm mil train --model NAME (options: the MIL config's head options); heads "
+        "start from seeded random weights; slide_encoder also takes --slide-encoder."
     )
     return 0
