@@ -11,7 +11,6 @@ Large entries keep their widths and lose blocks (``depth=1``): the output width 
 from __future__ import annotations
 
 import inspect
-import json
 
 import pytest
 import torch
@@ -109,22 +108,6 @@ def test_unknown_mil_option_names_the_known_ones():
 
 # --------------------------------------------------------------------------------- text towers
 TINY_TEXT = {"width": 32, "layers": 1, "heads": 2, "output_dim": 16, "context_length": 12}
-
-
-@pytest.fixture(scope="module")
-def tiny_open_clip(tmp_path_factory) -> str:
-    import open_clip
-
-    cfg = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-        "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 1},
-    }  # fmt: skip
-    path = tmp_path_factory.mktemp("oc") / "slidefm-registry-tiny.json"
-    path.write_text(json.dumps(cfg))
-    open_clip.add_model_config(path)
-    return "slidefm-registry-tiny"
 
 
 def _ids(vocab: int, length: int) -> torch.Tensor:

@@ -38,20 +38,25 @@ FORMAT = "slidefm.checkpoint"
 VERSION = 1
 
 
+Legacy = tuple[dict[str, Any], dict[str, Any], dict[str, Any]]  # config, state_dict, provenance
+
+
 @dataclasses.dataclass(frozen=True)
 class Kind:
     """How one kind of checkpoint becomes a model again.
 
-    build(config, payload) → model (weights are loaded afterwards, strictly);
-    legacy(raw dict) → payload in the current layout, or None when ``raw`` is not this kind's
-    old format; ``what``: the words used in errors ("MIL checkpoint").
+    build(config, payload) → model (weights are loaded afterwards, strictly); ``what``: the
+    words used in errors ("MIL checkpoint"); ``hint``: how such a file is made. ``legacy``:
+    a file of the format tagged ``legacy_format`` (before this one; "" = untagged) →
+    (config, state_dict, provenance), or None when it is not one.
     """
 
     name: str
     what: str
     build: Callable[[dict[str, Any], dict[str, Any]], nn.Module] | None = None
-    legacy: Callable[[dict[str, Any]], dict[str, Any] | None] | None = None
-    hint: str = ""  # how such a file is made, for the not-this-kind error
+    hint: str = ""
+    legacy_format: str | None = None
+    legacy: Callable[[dict[str, Any]], Legacy | None] | None = None
 
 
 _KINDS: dict[str, Kind] = {}
@@ -189,7 +194,7 @@ def read_checkpoint(
         raise
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path} is not a slidefm {k.what}{_hint(k)}")
-    payload = raw if raw.get("format") == FORMAT else (k.legacy(raw) if k.legacy else None)
+    payload = raw if raw.get("format") == FORMAT else _from_legacy(k, raw)
     if payload is None:
         found = raw.get("format") or "no slidefm format tag"
         raise CheckpointError(f"{path} is not a slidefm {k.what} ({found}){_hint(k)}")
@@ -231,22 +236,22 @@ def meta_of(payload: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in payload.items() if k != "state_dict"}
 
 
-def legacy_payload(
-    kind: str,
-    config: Mapping[str, Any],
-    state_dict: Mapping[str, Any],
-    provenance: Mapping[str, Any],
-    legacy_format: str,
-) -> dict[str, Any]:
+def _from_legacy(k: Kind, raw: dict[str, Any]) -> dict[str, Any] | None:
     """An old-format file's contents in the current layout (no sha256: none was recorded)."""
+    if k.legacy is None or raw.get("format", "") != k.legacy_format:
+        return None
+    parts = k.legacy(raw)
+    if parts is None:
+        return None
+    config, state_dict, provenance = parts
     return {
         "format": FORMAT,
         "version": VERSION,
-        "kind": kind,
+        "kind": k.name,
         "config": dict(config),
         "state_dict": dict(state_dict),
         "standardization": {},
-        "provenance": {"legacy_format": legacy_format, **dict(provenance)},
+        "provenance": {"legacy_format": k.legacy_format or "untagged", **dict(provenance)},
         "sha256": None,
     }
 
@@ -267,18 +272,13 @@ def _legacy_note(k: Kind) -> str:
 # --------------------------------------------------------------- the trainer's best weights
 
 
-def _legacy_train_best(raw: dict[str, Any]) -> dict[str, Any] | None:
+def _legacy_train_best(raw: dict[str, Any]) -> Legacy | None:
     if "model" not in raw or "step" not in raw:
         return None
-    prov = {k: v for k, v in raw.items() if k != "model"}
-    return legacy_payload("train_best", {}, raw["model"], prov, "trainer best.pt")
+    return {}, raw["model"], {k: v for k, v in raw.items() if k != "model"}
 
 
 register_kind(
-    Kind(
-        name="train_best",
-        what="best-weights file",
-        legacy=_legacy_train_best,
-        hint="written by the Trainer as checkpoints/best.pt",
-    )
-)
+    Kind("train_best", "best-weights file", None, "written by the Trainer as checkpoints/best.pt",
+         "", _legacy_train_best)
+)  # fmt: skip

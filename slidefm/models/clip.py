@@ -29,6 +29,7 @@ from slidefm.encoders.text import (
     TextTowerConfig,
     build_text_tower,
 )
+from slidefm.io.checkpoints import Kind, register_kind
 from slidefm.models.standardize import Standardize, keep_flat_keys
 from slidefm.runtime import dist_info
 
@@ -348,34 +349,12 @@ def _build(config: dict[str, Any], payload: dict[str, Any]) -> SlideTextModel:
     )
 
 
-def _legacy(raw: dict[str, Any]) -> dict[str, Any] | None:
-    """A ``slidefm.align`` file (before the one format) → the current layout."""
-    if raw.get("format") != CHECKPOINT_FORMAT:
-        return None
-    from slidefm.io.checkpoints import legacy_payload
-
-    config = {
-        "model": raw["config"],
-        "slide_dim": raw["slide_dim"],
-        "slide_encoder_config": raw["slide_encoder_config"],
-        "tokenizer": raw["tokenizer"],
-    }
-    prov = {"extra": raw.get("extra") or {}}
-    return legacy_payload(KIND, config, raw["state_dict"], prov, CHECKPOINT_FORMAT)
+def _legacy(raw: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """A ``slidefm.align`` file (before the one format): config, weights, provenance."""
+    keys = ("slide_dim", "slide_encoder_config", "tokenizer")
+    config = {"model": raw["config"], **{k: raw[k] for k in keys}}
+    return config, raw["state_dict"], {"extra": raw.get("extra") or {}}
 
 
-def _register() -> None:
-    from slidefm.io.checkpoints import Kind, register_kind
-
-    register_kind(
-        Kind(
-            name=KIND,
-            what="alignment checkpoint",
-            build=_build,
-            legacy=_legacy,
-            hint="use <align out>/align.pt",
-        )
-    )
-
-
-_register()
+_HINT = "use <align out>/align.pt"
+register_kind(Kind(KIND, "alignment checkpoint", _build, _HINT, CHECKPOINT_FORMAT, _legacy))

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidefm.io.checkpoints import Kind, register_kind
 from slidefm.models.standardize import Standardize
 
 
@@ -613,30 +614,12 @@ def _build_from_config(meta: dict[str, Any], payload: dict[str, Any]) -> nn.Modu
     return model
 
 
-def _legacy(raw: dict[str, Any]) -> dict[str, Any] | None:
-    """A ``slidefm.mil`` file (before the one format) → the current layout."""
-    if raw.get("format") != CHECKPOINT_FORMAT:
-        return None
-    from slidefm.io.checkpoints import legacy_payload
-
+def _legacy(raw: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """A ``slidefm.mil`` file (before the one format): config, weights, provenance."""
     meta = raw["meta"]
     config = {k: meta[k] for k in ARCH_KEYS if k in meta}
-    prov = {k: v for k, v in meta.items() if k not in ARCH_KEYS}
-    return legacy_payload(KIND, config, raw["state_dict"], prov, CHECKPOINT_FORMAT)
+    return config, raw["state_dict"], {k: v for k, v in meta.items() if k not in ARCH_KEYS}
 
 
-def _register() -> None:
-    from slidefm.io.checkpoints import Kind, register_kind
-
-    register_kind(
-        Kind(
-            name=KIND,
-            what="MIL checkpoint",
-            build=_build_from_config,
-            legacy=_legacy,
-            hint="written by `slidefm mil train` as <out>/seed*/fold*/model.pt",
-        )
-    )
-
-
-_register()
+_HINT = "written by `slidefm mil train` as <out>/seed*/fold*/model.pt"
+register_kind(Kind(KIND, "MIL checkpoint", _build_from_config, _HINT, CHECKPOINT_FORMAT, _legacy))

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from slidefm.config import ConfigError, from_dict, load_yaml, resolve_config_path
+from slidefm.io.checkpoints import Kind, register_kind
 from slidefm.models.alibi import alibi_slopes
 from slidefm.models.attention import BACKENDS, _hi, full_attention
 from slidefm.models.dilated import dilated_attention
@@ -400,35 +401,18 @@ def _meta(payload: dict[str, Any]) -> dict[str, Any]:
     return {**meta, "slidefm_version": prov.get("slidefm_version"), "extra": prov.get("extra", {})}
 
 
-def _legacy(raw: dict[str, Any]) -> dict[str, Any] | None:
-    """A ``slidefm.slide_encoder`` file (before the one format) → the current layout."""
-    if raw.get("format") != CHECKPOINT_FORMAT:
-        return None
-    from slidefm.io.checkpoints import legacy_payload
-
+def _legacy(raw: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """A ``slidefm.slide_encoder`` file (before the one format): config, weights, provenance."""
     prov = {"slidefm_version": raw.get("slidefm_version"), "extra": raw.get("extra", {})}
-    return legacy_payload(KIND, raw["config"], raw["state_dict"], prov, CHECKPOINT_FORMAT)
+    return raw["config"], raw["state_dict"], prov
 
 
 def _build(config: dict[str, Any], payload: dict[str, Any]) -> SlideEncoder:
     return SlideEncoder(from_dict(SlideEncoderConfig, config))
 
 
-def _register() -> None:
-    from slidefm.io.checkpoints import Kind, register_kind
-
-    register_kind(
-        Kind(
-            name=KIND,
-            what="slide encoder checkpoint",
-            build=_build,
-            legacy=_legacy,
-            hint="written by SlideEncoder.save_checkpoint, e.g. <pretrain out>/encoder.pt",
-        )
-    )
-
-
-_register()
+_HINT = "written by SlideEncoder.save_checkpoint, e.g. <pretrain out>/encoder.pt"
+register_kind(Kind(KIND, "slide encoder checkpoint", _build, _HINT, CHECKPOINT_FORMAT, _legacy))
 
 
 def _init_weights(m: nn.Module) -> None:

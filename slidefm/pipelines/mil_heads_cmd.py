@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from slidefm.pipelines.encoders_cmd import format_table
+from slidefm.listing import add_list_command, print_listing
 
-COLUMNS = ("name", "needs", "positions", "attention", "options (model_kwargs)")
+COLUMNS = ("name", "needs", "positions", "attention", "options")
 
 
 def registry_rows() -> list[tuple[str, ...]]:
@@ -16,37 +16,22 @@ def registry_rows() -> list[tuple[str, ...]]:
     rows = []
     for name in list_mil_heads():
         e = get_mil_head(name)
-        rows.append(
-            (
-                name,
-                "slide encoder" if e.needs_encoder else "tile features",
-                "yes" if e.uses_grid else "no",
-                "yes" if e.attention else "no",
-                ", ".join(e.options()),
-            )
-        )
+        needs = "slide encoder" if e.needs_encoder else "tile features"
+        yes = {True: "yes", False: "no"}
+        rows.append((name, needs, yes[e.uses_grid], yes[e.attention], ", ".join(e.options())))
     return rows
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("mil-heads", help="MIL heads: list the registry")
-    sub = p.add_subparsers(dest="mil_heads_command", metavar="ACTION")
-    sub.required = True
-    lst = sub.add_parser("list", help="print every registered MIL head")
-    lst.add_argument("--details", action="store_true", help="also print a description")
-    lst.set_defaults(func=run)
+    add_list_command(subparsers, "mil-heads", "MIL heads", run)
 
 
 def run(args: argparse.Namespace) -> int:
     from slidefm.models.mil import get_mil_head, list_mil_heads
 
-    print(format_table(registry_rows(), COLUMNS))
-    if args.details:
-        print()
-        for name in list_mil_heads():
-            print(f"{name}: {get_mil_head(name).description}")
-    print(
-        "\nUse: slidefm mil train --model NAME (options: the MIL config's head options); heads "
+    details = [f"{n}: {get_mil_head(n).description}" for n in list_mil_heads()]
+    footer = (
+        "Use: slidefm mil train --model NAME (options: the MIL config's head options); heads "
         "start from seeded random weights; slide_encoder also takes --slide-encoder."
     )
-    return 0
+    return print_listing(registry_rows(), COLUMNS, details if args.details else None, footer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slidefm.pipelines.encoders_cmd import format_table
+from slidefm.listing import add_list_command, print_listing
 
 COLUMNS = ("name", "kind", "pool", "tokenizer", "weights (besides --weights random)")
 
@@ -15,40 +15,24 @@ def registry_rows() -> list[tuple[str, ...]]:
 
     rows = []
     for name in list_text_towers():
-        e = get_text_tower_entry(name)
         cfg = text_tower_config(name)
         sp = cfg.kind == "sentencepiece"
-        rows.append(
-            (
-                name,
-                cfg.kind,
-                cfg.pool if sp else "model's own",
-                "report SentencePiece (--tokenizer)" if sp else "open_clip's",
-                e.weights,
-            )
-        )
+        pool = cfg.pool if sp else "model's own"
+        tok = "report SentencePiece (--tokenizer)" if sp else "open_clip's"
+        rows.append((name, cfg.kind, pool, tok, get_text_tower_entry(name).weights))
     return rows
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("text-towers", help="text towers: list the registry")
-    sub = p.add_subparsers(dest="text_towers_command", metavar="ACTION")
-    sub.required = True
-    lst = sub.add_parser("list", help="print every registered text tower")
-    lst.add_argument("--details", action="store_true", help="also print a description")
-    lst.set_defaults(func=run)
+    add_list_command(subparsers, "text-towers", "text towers", run)
 
 
 def run(args: argparse.Namespace) -> int:
     from slidefm.encoders.text import get_text_tower_entry, list_text_towers
 
-    print(format_table(registry_rows(), COLUMNS))
-    if args.details:
-        print()
-        for name in list_text_towers():
-            print(f"{name}: {get_text_tower_entry(name).description}")
-    print(
-        "\nUse: slidefm align --set model.text.kind=… (an alignment config's text section); "
+    details = [f"{n}: {get_text_tower_entry(n).description}" for n in list_text_towers()]
+    footer = (
+        "Use: slidefm align --set model.text.kind=… (an alignment config's text section); "
         "open_clip weights: text.pretrained=TAG|PATH|random."
     )
-    return 0
+    return print_listing(registry_rows(), COLUMNS, details if args.details else None, footer)
