@@ -344,23 +344,10 @@ def slide_encoder_from_spec(
     ``slide_encoder_weights`` (``random`` | ``pretrained``), ``slide_encoder_sha256``
     (file sha256, or ``random``).
     """
-    from slidefm.models.slide_encoder import SlideEncoder
-
     path = Path(spec).expanduser()
     is_yaml = path.suffix in (".yaml", ".yml")
     if path.is_file() and not is_yaml:
-        if weights not in (None, "", str(spec)):
-            raise ValueError(
-                f"{spec} is a checkpoint (it records its architecture and weights); give it "
-                f"alone, or a registry name with --weights {weights}"
-            )
-        enc = SlideEncoder.from_checkpoint(path)
-        _check_input_dim(enc, input_dim, spec)
-        return enc, {
-            "slide_encoder": str(path.resolve()),
-            "slide_encoder_weights": "pretrained",
-            "slide_encoder_sha256": sha256_file(path),
-        }
+        return _from_checkpoint_file(path, spec, weights, input_dim)
     name = spec
     if spec.startswith(OLD_RANDOM_PREFIX):
         name = spec[len(OLD_RANDOM_PREFIX) :]
@@ -379,15 +366,7 @@ def slide_encoder_from_spec(
         deprecated_spelling(f"the bare config name {name!r}", f"{name!r} with --weights random")
         weights = RANDOM
     if weights == RANDOM and slidefm_config:
-        log.warning("RANDOM WEIGHTS: the slide encoder %r is untrained (ablation)", name)
-        kw = {"input_dim": int(input_dim)} if input_dim else {}
-        # as before the registry: from_config, train mode (callers switch modes themselves)
-        enc = SlideEncoder.from_config(name if entry is None else entry.config, **kw)
-        return enc, {
-            "slide_encoder": spec,
-            "slide_encoder_weights": RANDOM,
-            "slide_encoder_sha256": RANDOM,
-        }
+        return _random_slidefm_encoder(spec, name if entry is None else entry.config, input_dim)
     if entry is None:
         raise ValueError(f"{spec}: a config file takes --weights random only")
     enc = create_slide_encoder(name, weights=weights)
@@ -398,6 +377,39 @@ def slide_encoder_from_spec(
         "slide_encoder_weights": RANDOM if wid == RANDOM else "pretrained",
         "slide_encoder_sha256": wid.rsplit("sha256:", 1)[-1] if "sha256:" in wid else wid,
     }
+
+
+def _from_checkpoint_file(
+    path: Path, spec: str, weights: str | None, input_dim: int | None
+) -> tuple[nn.Module, dict[str, str]]:
+    from slidefm.models.slide_encoder import SlideEncoder
+
+    if weights not in (None, "", str(spec)):
+        raise ValueError(
+            f"{spec} is a checkpoint (it records its architecture and weights); give it "
+            f"alone, or a registry name with --weights {weights}"
+        )
+    enc = SlideEncoder.from_checkpoint(path)
+    _check_input_dim(enc, input_dim, spec)
+    return enc, {
+        "slide_encoder": str(path.resolve()),
+        "slide_encoder_weights": "pretrained",
+        "slide_encoder_sha256": sha256_file(path),
+    }
+
+
+def _random_slidefm_encoder(
+    spec: str, config: str, input_dim: int | None
+) -> tuple[nn.Module, dict[str, str]]:
+    """As before the registry: ``SlideEncoder.from_config``, in train mode (callers switch
+    modes themselves), for ``input_dim``-d features: the same numbers for the same seed."""
+    from slidefm.models.slide_encoder import SlideEncoder
+
+    log.warning("RANDOM WEIGHTS: the slide encoder %r is untrained (ablation)", spec)
+    kw = {"input_dim": int(input_dim)} if input_dim else {}
+    enc = SlideEncoder.from_config(config, **kw)
+    info = {"slide_encoder": spec, "slide_encoder_weights": RANDOM, "slide_encoder_sha256": RANDOM}
+    return enc, info
 
 
 def _check_input_dim(enc: nn.Module, input_dim: int | None, spec: str) -> None:
