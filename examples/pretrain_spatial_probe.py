@@ -30,8 +30,8 @@ from slidefm.io.bags import FeatureBagDataset
 from slidefm.io.features import SlideFeatures, write_features
 from slidefm.io.manifest import read_manifest
 from slidefm.models.slide_encoder import SlideEncoder
-from slidefm.pipelines.embed import embed_dataset
-from slidefm.pipelines.pretrain import run_pretrain
+from slidefm.eval.embed import embed_dataset
+from slidefm.train.pretrain import run_pretrain
 from slidefm.runtime import seed_everything
 
 METHODS = ("pretrained", "random_weights", "mean_pool")

@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from slidefm.config import load_config
+from slidefm.config import flag_values, load_config
 from slidefm.options import add_common
 
 # Explicit flag → CohortOptions field (flags left unset keep the config's value).
@@ -47,9 +47,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from slidefm.wsi.synthetic import CohortOptions, generate_cohort
 
-    opts = load_config(CohortOptions, args.config, args.overrides, subdir="synth")
-    explicit = {f: getattr(args, a) for a, f in FLAGS.items() if getattr(args, a) is not None}
-    opts = dataclasses.replace(opts, **explicit)
+    flags = flag_values(args, FLAGS)
+    opts = load_config(CohortOptions, args.config, args.overrides, "synth", flags)
     t0 = time.time()
     manifest = generate_cohort(
         Path(args.out),
