@@ -83,33 +83,14 @@ def check_out_dir(out_dir: Path) -> None:
         ) from None
 
 
-def run_encode(
-    jobs: list[SlideJob],
-    cfg: EncodeConfig,
-    out_dir: str | Path,
-    seed: int = 0,
-    encoder: Any = None,
-    progress: bool = True,
-    overwrite: bool = False,
-) -> list[SlideResult]:
-    """Encode ``jobs`` into ``out_dir``; never raises for a bad slide (see the results).
-
-    Raises ``OutputError`` (before any slide) when ``out_dir`` is not a writable folder or
-    holds features of another configuration without ``overwrite``, and (mid-run) when the
-    disk fills or turns read-only: the message names the slide that was not written.
-    """
-    from tqdm import tqdm
-
+def plan_slides(
+    jobs: list[SlideJob], cfg: EncodeConfig, out_dir: Path, seed: int, overwrite: bool
+) -> tuple[list[SlideResult], list[tuple[SlideJob, str]]]:
+    """(skipped slides, [(job, config hash)] to encode). A complete file of the same hash and
+    source is skipped (its lost QC image redrawn); one of other options is refused unless
+    ``overwrite``; one whose slide file changed is re-encoded."""
     from slidefm.io.features import FeatureFileError, is_complete, read_attrs
-    from slidefm.wsi.tiling import EmptyTissueError
 
-    out_dir = Path(out_dir)
-    check_out_dir(out_dir)
-    stale = clean_stale_tmp(out_dir) + clean_stale_tmp(out_dir / "qc")
-    if stale:
-        log.info("removed %d temporary file(s) of an interrupted run", len(stale))
-    seed_everything(seed)
-    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
     runtime = runtime_key(cfg)
     results: list[SlideResult] = []
     todo, other_config = [], []
@@ -136,7 +117,13 @@ def run_encode(
             f"options (e.g. {other_config[0]}); use a new --out for this configuration, or pass "
             "--overwrite to re-encode them there"
         )
-    if todo and encoder is None:
+    return results, todo
+
+
+def tile_encoder(cfg: EncodeConfig, encoder: Any, needed: bool) -> Any:
+    """The given ``encoder``, or (when slides are to be encoded) the config's; warns on
+    screen when its weights are random."""
+    if needed and encoder is None:
         from slidefm.encoders.tile import TileEncoder
 
         encoder = TileEncoder.create(
@@ -151,6 +138,51 @@ def run_encode(
             "features are for smoke tests only, not pretrained results.",
             file=sys.stderr,
         )
+    return encoder
+
+
+def _failed_slide(job: SlideJob, chash: str, out_dir: Path, e: Exception, dt: float) -> SlideResult:
+    """The result of a slide whose encoding raised ``e``: done when its features were
+    written and only the QC image failed, else failed."""
+    from slidefm.io.features import is_complete
+
+    h5 = out_dir / f"{job.slide_id}.h5"
+    if is_complete(h5, chash):
+        return SlideResult(job.slide_id, job.path, "done", _num_tiles(h5), dt, "", f"QC: {e}")
+    return SlideResult(job.slide_id, job.path, "failed", 0, dt, f"{type(e).__name__}: {e}")
+
+
+def run_encode(
+    jobs: list[SlideJob],
+    cfg: EncodeConfig,
+    out_dir: str | Path,
+    seed: int = 0,
+    encoder: Any = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> list[SlideResult]:
+    """Encode ``jobs`` into ``out_dir``; never raises for a bad slide (see the results).
+
+    Raises ``OutputError`` (before any slide) when ``out_dir`` is not a writable folder or
+    holds features of another configuration without ``overwrite``, and (mid-run) when the
+    disk fills or turns read-only: the message names the slide that was not written.
+    """
+    from tqdm import tqdm
+
+    from slidefm.io.features import FeatureFileError
+    from slidefm.wsi.tiling import EmptyTissueError
+
+    out_dir = Path(out_dir)
+    check_out_dir(out_dir)
+    stale = clean_stale_tmp(out_dir) + clean_stale_tmp(out_dir / "qc")
+    if stale:
+        log.info("removed %d temporary file(s) of an interrupted run", len(stale))
+    seed_everything(seed)
+    run_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + uuid.uuid4().hex[:6]
+    results, todo = plan_slides(jobs, cfg, out_dir, seed, overwrite)
+    encoder = tile_encoder(cfg, encoder, bool(todo))
+    slide_errors = (SlideReadError, EmptyTissueError, FeatureFileError, ValueError, OSError,
+                    RuntimeError)  # fmt: skip
     total_tiles, t_start = 0, time.perf_counter()
     bar = tqdm(todo, desc="slides", unit="slide", disable=not progress)
     for job, chash in bar:
@@ -158,31 +190,15 @@ def run_encode(
         t0 = time.perf_counter()
         try:
             n = encode_slide(job, cfg, encoder, out_dir, seed, chash)
-        except (
-            SlideReadError,
-            EmptyTissueError,
-            FeatureFileError,
-            ValueError,
-            OSError,
-            RuntimeError,
-        ) as e:
-            dt = time.perf_counter() - t0
-            h5 = out_dir / f"{job.slide_id}.h5"
+        except slide_errors as e:
+            results.append(_failed_slide(job, chash, out_dir, e, time.perf_counter() - t0))
             disk = _is_disk_error(e) or _is_disk_error(e.__cause__)
-            if is_complete(h5, chash):  # the features are written; only the QC image failed
-                n = _num_tiles(h5)
-                results.append(SlideResult(job.slide_id, job.path, "done", n, dt, "", f"QC: {e}"))
-            else:
-                results.append(
-                    SlideResult(job.slide_id, job.path, "failed", 0, dt, f"{type(e).__name__}: {e}")
-                )
             if disk:
                 _abort_on_disk_error(out_dir, results, cfg, seed, run_id, job, disk)
             log.warning("%s %s: %s", job.slide_id, results[-1].status, e)
             continue
-        dt = time.perf_counter() - t0
         total_tiles += n
-        results.append(SlideResult(job.slide_id, job.path, "done", n, dt))
+        results.append(SlideResult(job.slide_id, job.path, "done", n, time.perf_counter() - t0))
         bar.set_postfix(
             tiles=total_tiles, tiles_per_s=f"{total_tiles / (time.perf_counter() - t_start):.1f}"
         )

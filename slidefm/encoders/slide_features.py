@@ -73,14 +73,100 @@ def regenerate_qc(job: SlideJob, cfg: EncodeConfig, out_dir: Path) -> None:
     save_qc(qc_path(out_dir, job.slide_id), qc_thumb, mask, qc_scale, tiles, info)
 
 
+def embed_tiles(
+    job: SlideJob,
+    cfg: EncodeConfig,
+    encoder: Any,
+    tiles: Any,
+    level: int,
+    downsample: float,
+    mpp_override: float | None,
+) -> np.ndarray:
+    """Features [N_tiles, D] float32 of every tile of ``tiles``, read at ``level`` in regions
+    by ``cfg.num_workers`` processes and embedded in batches of ``cfg.batch_size``."""
+    from slidefm.wsi.patches import TileRegionDataset, iter_tile_batches, tile_loader
+    from slidefm.wsi.stain import macenko_normalize
+
+    transform = macenko_normalize if cfg.stain_norm == "macenko" else None
+    dataset = TileRegionDataset(
+        job.path,
+        tiles,
+        level,
+        downsample,
+        cfg.region_tiles,
+        mpp_override,
+        transform,
+        min_regions=2 * max(1, cfg.num_workers),  # a small slide still feeds every worker
+    )
+    device = encoder.device
+    loader = tile_loader(dataset, cfg.num_workers, pin_memory=device.type == "cuda")
+    feats = np.zeros((len(tiles), encoder.embed_dim), dtype=np.float32)
+    filled = np.zeros(len(tiles), dtype=bool)
+    for idx, batch in iter_tile_batches(loader, cfg.batch_size):
+        out = encoder(batch.to(device, non_blocking=True))
+        feats[idx.numpy()] = out.float().cpu().numpy()
+        filled[idx.numpy()] = True
+    if not filled.all():
+        raise RuntimeError(f"{job.slide_id}: {int((~filled).sum())} tiles were never encoded")
+    return feats
+
+
+def feature_attrs(
+    job: SlideJob,
+    cfg: EncodeConfig,
+    encoder: Any,
+    src: dict[str, int],
+    info: Any,
+    geometry: dict[str, Any],
+    chash: str,
+    seed: int,
+) -> dict[str, Any]:
+    """The root attrs of a slide's feature file (schema in ARCHITECTURE.md): source identity,
+    resolution and geometry, encoder and its weights, options, config hash, seed.
+    ``geometry``: tiles (``TileGrid``), level0_mpp, level (read), modality."""
+    tiles, level0_mpp = geometry["tiles"], geometry["level0_mpp"]
+    level, modality = geometry["level"], geometry["modality"]
+    return {
+        "source_path": str(Path(job.path).resolve()),
+        **src,
+        "source_integrity": info.integrity,
+        "tissue_mode": modality,
+        "border_tiles": cfg.border_tiles,
+        "device": encoder.device.type,
+        "precision": effective_precision(encoder.device, cfg.precision),
+        "encoder": cfg.encoder,
+        "encoder_weights": encoder.weights_id,
+        "target_mpp": float(cfg.target_mpp),
+        "patch_size": int(cfg.patch_size),
+        "patch_size_level0": int(tiles.patch_size_level0),
+        "extent_level0": float(tiles.extent_level0),
+        "stride_level0": int(tiles.stride_level0),
+        "level0_mpp": float(level0_mpp),
+        "mpp_source": info.mpp_source,
+        "read_level": int(level),
+        "level0_width": int(info.width),
+        "level0_height": int(info.height),
+        # TRIDENT/CLAM convention magnification = 10 / µm-per-px: their readers cut
+        # round(patch_size × level0_magnification / target_magnification) level-0 px, which
+        # with these values is exactly our tile (not the objective power, a nominal label).
+        "level0_magnification": 10.0 / level0_mpp,
+        "target_magnification": 10.0 / cfg.target_mpp,
+        "objective_power": float(info.objective_power or 0.0),
+        "overlap": int(cfg.overlap),
+        "stain_norm": cfg.stain_norm,
+        "vendor": info.vendor,
+        "config_hash": chash,
+        "slidefm_version": slidefm.__version__,
+        "seed": int(seed),
+    }
+
+
 def encode_slide(
     job: SlideJob, cfg: EncodeConfig, encoder: Any, out_dir: Path, seed: int, chash: str
 ) -> int:
     """Encode one slide to ``out_dir/<slide_id>.h5``; returns the number of tiles."""
     from slidefm.io.features import SlideFeatures, write_features
-    from slidefm.wsi.patches import TileRegionDataset, iter_tile_batches, tile_loader
     from slidefm.wsi.qc import QCInfo, save_qc
-    from slidefm.wsi.stain import macenko_normalize
     from slidefm.wsi.tiling import EmptyTissueError, make_tile_grid
 
     mpp_override = job.mpp if job.mpp is not None else cfg.mpp
@@ -117,62 +203,11 @@ def encode_slide(
             raise EmptyTissueError(f"{e} (QC image: {qpath})") from None
         level = reader.best_level_for_mpp(cfg.target_mpp)
         ds = info.level_downsamples[level]
-    transform = macenko_normalize if cfg.stain_norm == "macenko" else None
-    dataset = TileRegionDataset(
-        job.path,
-        tiles,
-        level,
-        ds,
-        cfg.region_tiles,
-        mpp_override,
-        transform,
-        min_regions=2 * max(1, cfg.num_workers),  # a small slide still feeds every worker
-    )
-    device = encoder.device
-    loader = tile_loader(dataset, cfg.num_workers, pin_memory=device.type == "cuda")
-    feats = np.zeros((len(tiles), encoder.embed_dim), dtype=np.float32)
-    filled = np.zeros(len(tiles), dtype=bool)
-    for idx, batch in iter_tile_batches(loader, cfg.batch_size):
-        out = encoder(batch.to(device, non_blocking=True))
-        feats[idx.numpy()] = out.float().cpu().numpy()
-        filled[idx.numpy()] = True
-    if not filled.all():
-        raise RuntimeError(f"{job.slide_id}: {int((~filled).sum())} tiles were never encoded")
+    feats = embed_tiles(job, cfg, encoder, tiles, level, ds, mpp_override)
     if source_stat(job.path) != src:
         raise SlideReadError(f"{job.path}: the slide file changed while it was being encoded")
-    attrs = {
-        "source_path": str(Path(job.path).resolve()),
-        **src,
-        "source_integrity": info.integrity,
-        "tissue_mode": modality,
-        "border_tiles": cfg.border_tiles,
-        "device": encoder.device.type,
-        "precision": effective_precision(encoder.device, cfg.precision),
-        "encoder": cfg.encoder,
-        "encoder_weights": encoder.weights_id,
-        "target_mpp": float(cfg.target_mpp),
-        "patch_size": int(cfg.patch_size),
-        "patch_size_level0": int(tiles.patch_size_level0),
-        "extent_level0": float(tiles.extent_level0),
-        "stride_level0": int(tiles.stride_level0),
-        "level0_mpp": float(level0_mpp),
-        "mpp_source": info.mpp_source,
-        "read_level": int(level),
-        "level0_width": int(info.width),
-        "level0_height": int(info.height),
-        # TRIDENT/CLAM convention magnification = 10 / µm-per-px: their readers cut
-        # round(patch_size × level0_magnification / target_magnification) level-0 px, which
-        # with these values is exactly our tile (not the objective power, a nominal label).
-        "level0_magnification": 10.0 / level0_mpp,
-        "target_magnification": 10.0 / cfg.target_mpp,
-        "objective_power": float(info.objective_power or 0.0),
-        "overlap": int(cfg.overlap),
-        "stain_norm": cfg.stain_norm,
-        "vendor": info.vendor,
-        "config_hash": chash,
-        "slidefm_version": slidefm.__version__,
-        "seed": int(seed),
-    }
+    geometry = {"tiles": tiles, "level0_mpp": level0_mpp, "level": level, "modality": modality}
+    attrs = feature_attrs(job, cfg, encoder, src, info, geometry, chash, seed)
     sf = SlideFeatures(
         job.slide_id,
         feats.astype(cfg.feature_dtype),

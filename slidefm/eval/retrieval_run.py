@@ -196,6 +196,37 @@ def text_queries(model: Any, rs: RetrievalSet, queries: list[str], k: int) -> li
     ]  # fmt: skip
 
 
+def score_tasks(
+    rs: RetrievalSet,
+    tasks: list[str],
+    label_column: str | None,
+    boot: dict[str, int],
+    k: int,
+    out: Path,
+) -> dict[str, Any]:
+    """{task: metrics} (+ ``<task>_same_diagnosis`` with a label column) with patient-bootstrap
+    CIs (``boot``: n_boot, seed); writes each task's top-``k`` ``neighbours_<task>.csv``."""
+    results: dict[str, Any] = {}
+    for task in tasks:
+        found = search_task(rs, task, label_column)
+        if isinstance(found, str):
+            log.warning("%s skipped: %s", task, found)
+            results[task] = {"num_queries": {"value": 0.0, "lo": float("nan"),
+                                             "hi": float("nan"), "skipped": found}}  # fmt: skip
+            continue
+        score_kw = {"ks": (1, 5, 10), "groups": found["groups"], **boot,
+                    "n_candidates": found["n_cand"]}  # fmt: skip
+        results[task] = retrieval_metrics(found["ranked"], found["relevant"], **score_kw)
+        if label_column and task != "slide2slide":
+            rel = same_diagnosis_relevance(rs, task)
+            results[f"{task}_same_diagnosis"] = retrieval_metrics(found["ranked"], rel, **score_kw)
+        top = [r[:k] for r in found["ranked"]]
+        frame = _neighbours_frame(found["qids"], top, found["scores"], found["relevant"])
+        with atomic_path(out / f"neighbours_{task}.csv") as tmp:
+            frame.to_csv(tmp, index=False, float_format="%.6g")
+    return results
+
+
 def run_retrieve(
     checkpoint: str | Path,
     manifest: str | Path,
@@ -248,24 +279,7 @@ def run_retrieve(
         Path(qdrant_path).mkdir(parents=True, exist_ok=True)
         client = QdrantClient(path=qdrant_path)
     build_indexes(rs, backend, qdrant_url=qdrant_url, qdrant_client=client)
-    results: dict[str, Any] = {}
-    for task in tasks:
-        found = search_task(rs, task, label_column)
-        if isinstance(found, str):
-            log.warning("%s skipped: %s", task, found)
-            results[task] = {"num_queries": {"value": 0.0, "lo": float("nan"),
-                                             "hi": float("nan"), "skipped": found}}  # fmt: skip
-            continue
-        score_kw = {"ks": (1, 5, 10), "groups": found["groups"], "n_boot": n_boot, "seed": seed,
-                    "n_candidates": found["n_cand"]}  # fmt: skip
-        results[task] = retrieval_metrics(found["ranked"], found["relevant"], **score_kw)
-        if label_column and task != "slide2slide":
-            rel = same_diagnosis_relevance(rs, task)
-            results[f"{task}_same_diagnosis"] = retrieval_metrics(found["ranked"], rel, **score_kw)
-        top = [r[:k] for r in found["ranked"]]
-        frame = _neighbours_frame(found["qids"], top, found["scores"], found["relevant"])
-        with atomic_path(out / f"neighbours_{task}.csv") as tmp:
-            frame.to_csv(tmp, index=False, float_format="%.6g")
+    results = score_tasks(rs, tasks, label_column, {"n_boot": n_boot, "seed": seed}, k, out)
     if queries:
         rows = text_queries(model, rs, queries, k)
         with atomic_path(out / "text_queries.csv") as tmp:

@@ -214,6 +214,19 @@ class AlignCohort:
         return [self.val_df["slide_id"].iloc[r[0]] for r in self.val_rows]
 
 
+def cohort_info(
+    manifest: str | Path, features: Any, embeddings: Any, cohort: AlignCohort
+) -> dict[str, Any]:
+    """What ``run_config.json`` records of the inputs and patients."""
+    return {
+        "manifest": str(Path(manifest).resolve()),
+        "inputs": str(Path(features or embeddings).resolve()),
+        "input_kind": "features" if features is not None else "embeddings",
+        "num_train_cases": len(cohort.train_cases),
+        "num_val_cases": len(cohort.val_cases),
+    }
+
+
 def read_cohort(manifest: str | Path, data: AlignDataConfig) -> AlignCohort:
     """The manifest's ``train`` and ``val`` patients with their reports (``test`` unread)."""
     from slidefm.io.manifest import read_manifest
@@ -323,6 +336,18 @@ def input_info(
     return tile_info, int(emb_all.shape[1]), attrs.get("checkpoint_sha256") == "random"
 
 
+def check_embeddings_input(
+    enc: Any, mcfg: AlignModelConfig, embeddings: str | Path, random: bool, enc_info: dict
+) -> None:
+    """Precomputed embeddings cannot train a slide encoder; ones made by a random encoder are
+    recorded (and logged) as random."""
+    if enc is not None and mcfg.slide_trainable != "frozen":
+        raise ValueError("precomputed --embeddings cannot train the slide encoder; use frozen")
+    if random:
+        enc_info["slide_encoder_weights"] = "random"
+        log.warning("RANDOM WEIGHTS: %s comes from an untrained slide encoder", embeddings)
+
+
 def claim_output(
     out: Path,
     cfg: AlignRunConfig,
@@ -415,6 +440,35 @@ def make_eval_fn(
     return eval_fn
 
 
+def save_align_checkpoint(
+    out: Path,
+    model: SlideTextModel,
+    info: dict[str, Any],
+    extra: dict[str, Any],
+    cohort: AlignCohort,
+    train_emb: np.ndarray | None,
+    inputs: dict[str, Any],
+    data: AlignDataConfig,
+    seed: int,
+) -> None:
+    """``align.pt`` with its provenance, the patients it has seen (trained on, or selected its
+    step on: zero-shot and retrieve warn when they score them) and its domain reference."""
+    from slidefm.train.run_dir import save_final
+
+    features, embeddings = inputs["features"], inputs["embeddings"]
+    ref = domain_reference(model, train_emb, cohort.train_ids, cohort.val_ids, features,
+                           embeddings, data.eval_max_tiles, seed)  # fmt: skip
+    seen = {
+        "train_case_ids": cohort.train_cases,
+        "val_case_ids": cohort.val_cases,
+        "train_slide_ids": cohort.train_ids,
+        "val_slide_ids": cohort.val_ids,
+    }
+    extra = {**extra, **seen, "domain_reference": ref.to_dict()}
+    info["domain_reference_calibrated_on"] = ref.calibrated_on
+    save_final(out, info, model.save_checkpoint, "align.pt", "checkpoint", extra)
+
+
 def run_align(
     config: str | None,
     manifest: str | Path,
@@ -435,7 +489,7 @@ def run_align(
     config values of explicit command-line options (they beat ``overrides``)."""
     from slidefm.io.pairs import collate_pairs
     from slidefm.train.data import make_loader
-    from slidefm.train.run_dir import RUN_CONFIG, fit_run, save_final, write_json
+    from slidefm.train.run_dir import RUN_CONFIG, fit_run, write_json
 
     out = Path(out)
     cfg = load_run_config(config, overrides, flags)
@@ -453,11 +507,7 @@ def run_align(
     enc, enc_info = prepare_slide_encoder(cfg.slide_encoder, features, cohort.train_ids)
     tile_info, emb_dim, emb_random = input_info(features, embeddings, cohort.train_ids)
     if embeddings is not None:
-        if enc is not None and mcfg.slide_trainable != "frozen":
-            raise ValueError("precomputed --embeddings cannot train the slide encoder; use frozen")
-        if emb_random:
-            enc_info["slide_encoder_weights"] = "random"
-            log.warning("RANDOM WEIGHTS: %s comes from an untrained slide encoder", embeddings)
+        check_embeddings_input(enc, mcfg, embeddings, emb_random, enc_info)
     slide_dim = emb_dim if emb_dim is not None else int(enc.embed_dim)
     info: dict[str, Any] = {
         "config": cfgd,
@@ -465,11 +515,7 @@ def run_align(
         "config_hash": config_hash({**cfgd, "tokenizer_sha256": tok_info["tokenizer_sha256"]}),
         "seed": seed,
         "identity": identity,
-        "manifest": str(Path(manifest).resolve()),
-        "inputs": str(Path(features or embeddings).resolve()),
-        "input_kind": "features" if features is not None else "embeddings",
-        "num_train_cases": len(cohort.train_cases),
-        "num_val_cases": len(cohort.val_cases),
+        **cohort_info(manifest, features, embeddings, cohort),
         **tok_info,
         **enc_info,
         **tile_info,
@@ -499,26 +545,7 @@ def run_align(
     title = f"slidefm align ({config}, seed {seed}): {out.name}"
     finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step, title=title)
     if rank == 0 and finished:
-        ref = domain_reference(
-            model,
-            train_emb if not use_bags else None,
-            cohort.train_ids,
-            cohort.val_ids,
-            features,
-            embeddings,
-            data.eval_max_tiles,
-            seed,
-        )
-        # The patients this model has seen (trained on, or selected its step on): zero-shot
-        # and retrieve warn when they score them.
-        seen = {
-            "train_case_ids": cohort.train_cases,
-            "val_case_ids": cohort.val_cases,
-            "train_slide_ids": cohort.train_ids,
-            "val_slide_ids": cohort.val_ids,
-        }
-        extra = {**enc_info, **tok_info, **tile_info, **seen, "align_config": cfgd}
-        extra["domain_reference"] = ref.to_dict()
-        info["domain_reference_calibrated_on"] = ref.calibrated_on
-        save_final(out, info, model.save_checkpoint, "align.pt", "checkpoint", extra)
+        extra = {**enc_info, **tok_info, **tile_info, "align_config": cfgd}
+        ref_emb = train_emb if not use_bags else None
+        save_align_checkpoint(out, model, info, extra, cohort, ref_emb, inputs, data, seed)
     return info

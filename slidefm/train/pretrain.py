@@ -96,6 +96,77 @@ def split_holdout(ids: list[str], frac: float, minimum: int, seed: int) -> tuple
     return [s for s in ids if s not in hold], [s for s in ids if s in hold]
 
 
+def build_encoder(
+    cfg: PretrainRunConfig, enc_kw: dict[str, Any], ds: Any, in_dim: int, seed: int
+) -> tuple[Any, Any]:
+    """(slide encoder of the config, its input statistics (mean, std) over the training
+    bags, drawn in a seeded order so a capped sample is fair); the encoder standardises its
+    inputs with them when ``standardize_inputs``."""
+    from slidefm.models.pretrain import feature_stats
+    from slidefm.models.slide_encoder import SlideEncoder
+
+    encoder = SlideEncoder.from_config(cfg.encoder, **enc_kw)
+    if encoder.config.input_dim != in_dim:
+        raise ValueError(
+            f"features are {in_dim}-d but encoder {cfg.encoder!r} expects "
+            f"{encoder.config.input_dim}-d; --set encoder_overrides.input_dim={in_dim} "
+            "or --set match_input_dim=true"
+        )
+    order = np.random.default_rng(seed).permutation(len(ds))  # a fair sample when capped
+    stats = feature_stats(ds.slide(int(i)).features for i in order)
+    if cfg.standardize_inputs:
+        encoder.set_input_stats(*stats)
+    return encoder, stats
+
+
+def make_eval_fn(features: str | Path, eval_ids: list[str], max_tiles: int | None, seed: int):
+    """eval_fn(model) → RankMe and mean per-dim std of the embeddings of ``eval_ids``."""
+    from slidefm.eval.rankme import rankme
+    from slidefm.io.bags import FeatureBagDataset
+
+    eval_ds = FeatureBagDataset(features, slide_ids=eval_ids, max_tiles=max_tiles, seed=seed)
+
+    def eval_fn(m: Any) -> dict[str, float]:
+        _, z = embed_dataset(m.encoder, eval_ds)
+        return {"rankme": rankme(z), "embedding_std": float(z.std(axis=0).mean())}
+
+    return eval_fn
+
+
+def describe_run(
+    config: str | None,
+    cfgd: dict[str, Any],
+    enc_kw: dict[str, Any],
+    seed: int,
+    features: str | Path,
+    ds: Any,
+    train_ids: list[str],
+    hold_ids: list[str],
+) -> dict[str, Any]:
+    """The run info (``run_config.json``) with the run's identity: config hash (the encoder
+    overrides as applied), feature files of the training and evaluation slides, seed."""
+    from slidefm.io.provenance import tile_encoder_info
+    from slidefm.train.run_dir import inputs_hash, run_identity
+
+    run_hash = config_hash({**cfgd, "encoder_overrides": enc_kw})
+    eval_ids = hold_ids or train_ids
+    files = [*ds.paths, *(Path(features) / f"{s}.h5" for s in hold_ids)]
+    identity = run_identity(run_hash, inputs_hash(files, [train_ids, eval_ids]), seed)
+    return {
+        "config": cfgd,
+        "config_name": config,
+        "config_hash": run_hash,
+        "seed": seed,
+        "identity": identity,
+        "features": str(Path(features).resolve()),
+        "num_train_slides": len(train_ids),
+        "holdout_slides": hold_ids,
+        "rankme_on": "holdout" if hold_ids else "train (too few slides for a holdout)",
+        **tile_encoder_info(ds.paths[0]),
+        "slide_encoder_weights": "pretrained (this run)",
+    }
+
+
 def run_pretrain(
     config: str | None,
     features: str | Path,
@@ -111,19 +182,15 @@ def run_pretrain(
 
     ``out`` belongs to one (config, feature files, seed): another one is refused unless
     ``overwrite`` (see ``train.run_dir.claim_run_dir``)."""
-    from slidefm.eval.rankme import rankme
-    from slidefm.io.bags import FeatureBagDataset, collate_bags
+    from slidefm.io.bags import collate_bags
     from slidefm.io.provenance import random_weight_notes, tile_encoder_info
-    from slidefm.models.pretrain import MaskedFeatureModel, feature_stats
-    from slidefm.models.slide_encoder import SlideEncoder
+    from slidefm.models.pretrain import MaskedFeatureModel
     from slidefm.train.data import make_loader, training_bags
     from slidefm.train.run_dir import (
         RUN_CONFIG,
         TRAIN_OUTPUTS,
         claim_run_dir,
         fit_run,
-        inputs_hash,
-        run_identity,
         save_final,
         write_json,
     )
@@ -139,39 +206,15 @@ def run_pretrain(
     enc_kw = dict(cfg.encoder_overrides)
     if cfg.match_input_dim:
         enc_kw["input_dim"] = in_dim
-    run_hash = config_hash({**cfgd, "encoder_overrides": enc_kw})
     eval_ids = hold_ids or train_ids
-    files = [*ds.paths, *(Path(features) / f"{s}.h5" for s in hold_ids)]
-    identity = run_identity(run_hash, inputs_hash(files, [train_ids, eval_ids]), seed)
-    info = {
-        "config": cfgd,
-        "config_name": config,
-        "config_hash": run_hash,
-        "seed": seed,
-        "identity": identity,
-        "features": str(Path(features).resolve()),
-        "num_train_slides": len(train_ids),
-        "holdout_slides": hold_ids,
-        "rankme_on": "holdout" if hold_ids else "train (too few slides for a holdout)",
-        **tile_encoder_info(ds.paths[0]),
-        "slide_encoder_weights": "pretrained (this run)",
-    }
+    info = describe_run(config, cfgd, enc_kw, seed, features, ds, train_ids, hold_ids)
+    identity = info["identity"]
     for note in random_weight_notes(info):
         log.warning("RANDOM WEIGHTS: %s", note)
     if dist_info()[0] == 0:
         claim_run_dir(out, identity, overwrite, (*TRAIN_OUTPUTS, "encoder.pt"))
     seed_everything(seed)
-    encoder = SlideEncoder.from_config(cfg.encoder, **enc_kw)
-    if encoder.config.input_dim != in_dim:
-        raise ValueError(
-            f"features are {in_dim}-d but encoder {cfg.encoder!r} expects "
-            f"{encoder.config.input_dim}-d; --set encoder_overrides.input_dim={in_dim} "
-            "or --set match_input_dim=true"
-        )
-    order = np.random.default_rng(seed).permutation(len(ds))  # a fair sample when capped
-    stats = feature_stats(ds.slide(int(i)).features for i in order)
-    if cfg.standardize_inputs:
-        encoder.set_input_stats(*stats)
+    encoder, stats = build_encoder(cfg, enc_kw, ds, in_dim, seed)
     model = MaskedFeatureModel(encoder, objective, feature_stats=stats)
     rank, world = dist_info()
     if rank == 0:
@@ -184,14 +227,7 @@ def run_pretrain(
         collate_fn=collate_bags,
         drop_last=len(ds) >= data.batch_size * world,
     )
-    eval_ds = FeatureBagDataset(
-        features, slide_ids=eval_ids, max_tiles=data.eval_max_tiles, seed=seed
-    )
-
-    def eval_fn(m: MaskedFeatureModel) -> dict[str, float]:
-        _, z = embed_dataset(m.encoder, eval_ds)
-        return {"rankme": rankme(z), "embedding_std": float(z.std(axis=0).mean())}
-
+    eval_fn = make_eval_fn(features, eval_ids, data.eval_max_tiles, seed)
     title = f"slidefm pretrain ({config}, seed {seed}): {out.name}"
     finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step, title=title)
     if rank == 0 and finished:

@@ -190,6 +190,28 @@ def save_tile_encoder(out: Path, model: DINOModel, meta: dict[str, Any]) -> dict
     return info
 
 
+def tile_encoder_meta(
+    encoder: str, spec: Any, seed: int, steps: int, weights_id: str, run_hash: str
+) -> dict[str, Any]:
+    """What ``tile_encoder.json`` records: the registry architecture (so the weights load
+    strictly into it), the training run and the weights it started from."""
+    return {
+        "registry_name": encoder,
+        "arch": spec.arch,
+        "timm_kwargs": spec.timm_kwargs,
+        "input_size": spec.input_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "pooling": spec.pooling,
+        "embed_dim": spec.embed_dim,
+        "seed": seed,
+        "steps": steps,
+        "source_weights": weights_id,
+        "config_hash": run_hash,
+        "trained_by": "slidefm pretrain-tiles (DINO + iBOT + KoLeo, EMA teacher exported)",
+    }
+
+
 def run_pretrain_tiles(
     jobs: list[SlideJob],
     encoder: str,
@@ -250,21 +272,7 @@ def run_pretrain_tiles(
         model.train()
     finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step)
     if rank == 0 and finished:
-        meta = {
-            "registry_name": encoder,
-            "arch": spec.arch,
-            "timm_kwargs": spec.timm_kwargs,
-            "input_size": spec.input_size,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "pooling": spec.pooling,
-            "embed_dim": spec.embed_dim,
-            "seed": seed,
-            "steps": info["steps"],
-            "source_weights": weights_id,
-            "config_hash": run_hash,
-            "trained_by": "slidefm pretrain-tiles (DINO + iBOT + KoLeo, EMA teacher exported)",
-        }
+        meta = tile_encoder_meta(encoder, spec, seed, info["steps"], weights_id, run_hash)
         info["tile_encoder"] = save_tile_encoder(out, model, meta)
         write_json(out / RUN_CONFIG, info)
     return info
