@@ -24,14 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import slidefm
-from slidefm.config import (
-    apply_flags,
-    apply_overrides,
-    config_hash,
-    from_dict,
-    load_yaml,
-    resolve_config_path,
-)
+from slidefm.config import config_hash, flag_values, load_config
 from slidefm.io.atomic import atomic_path
 from slidefm.models import MIL_MODELS
 from slidefm.options import SLIDE_LEVEL_RISK, add_overwrite, add_slide_level_only
@@ -920,13 +913,12 @@ def parse_seeds(s: str) -> list[int]:
 
 
 def config_from_args(args: argparse.Namespace) -> MILConfig:
+    """YAML < ``--set`` < explicit flags, as every command (``slidefm.config``)."""
     default = "survival" if getattr(args, "task", None) == "survival" else "default"
-    base = apply_flags(
-        load_yaml(resolve_config_path(args.config or default, "mil")), args, FLAG_TO_FIELD
-    )
+    flags = flag_values(args, list(FLAG_TO_FIELD))
     if getattr(args, "finetune", False):
-        base["freeze_encoder"] = False
-    return from_dict(MILConfig, apply_overrides(base, args.overrides))
+        flags["freeze_encoder"] = False
+    return load_config(MILConfig, args.config or default, args.overrides, "mil", flags)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

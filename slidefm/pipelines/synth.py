@@ -44,11 +44,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from slidefm.wsi.synthetic import CohortOptions, generate_cohort
+def options_from_args(args: argparse.Namespace):
+    """``CohortOptions``: YAML < ``--set`` < the explicit flags (``slidefm.config``)."""
+    from slidefm.wsi.synthetic import CohortOptions
 
     flags = flag_values(args, FLAGS)
-    opts = load_config(CohortOptions, args.config, args.overrides, "synth", flags)
+    return load_config(CohortOptions, args.config, args.overrides, "synth", flags)
+
+
+def run(args: argparse.Namespace) -> int:
+    from slidefm.wsi.synthetic import generate_cohort
+
+    opts = options_from_args(args)
     t0 = time.time()
     manifest = generate_cohort(
         Path(args.out),
