@@ -3,9 +3,10 @@
 One mechanism for every pipeline so a run is fully described by (config file, overrides, seed)
 and its hash can be recorded in every output file.
 
-Precedence, the same for every command (``load_config``): the YAML file, then the ``--set
-key.sub=value`` overrides, then the explicit command-line flags (``--target-mpp``, ``--tissue``,
-``--slide-encoder``, …) — the more specific wins: ``YAML < --set < flags``.
+Precedence, the same for every command (``load_config``): the YAML file, then the explicit
+command-line flags (``--target-mpp``, ``--tissue``, ``--slide-encoder``, …), then the ``--set
+key.sub=value`` overrides: ``YAML < flags < --set``. ``--set`` has the last word because it
+reaches every option, so it can correct a flag a wrapper (script, Makefile) always passes.
 
 Sections are typed: a dataclass field annotated with another dataclass (``data:
 AlignDataConfig``) is built from its mapping by ``from_dict``, recursively, so a config is
@@ -125,7 +126,7 @@ def apply_flags(
     cfg: dict[str, Any], args: Any, flags: Iterable[str] | Mapping[str, str]
 ) -> dict[str, Any]:
     """``cfg`` with the command-line ``flags`` that were given written over it. Apply it
-    after ``apply_overrides``: explicit flags beat ``--set``, which beats the YAML."""
+    before ``apply_overrides``: flags beat the YAML, ``--set`` beats both."""
     cfg.update(set_values(cfg, flag_values(args, flags)))
     return cfg
 
@@ -249,10 +250,10 @@ def load_config(
     subdir: str = "",
     flags: Mapping[str, Any] | None = None,
 ) -> T:
-    """YAML file (optional) < ``overrides`` (``--set a.b=v``) < ``flags`` (``{"a.b": value}``
-    of the explicit command-line options that were given) → ``cls`` instance."""
+    """YAML file (optional) < ``flags`` (``{"a.b": value}`` of the explicit command-line
+    options that were given) < ``overrides`` (``--set a.b=v``) → ``cls`` instance."""
     base = load_yaml(resolve_config_path(path, subdir)) if path else {}
-    return from_dict(cls, set_values(apply_overrides(base, overrides), flags))
+    return from_dict(cls, apply_overrides(set_values(base, flags), overrides))
 
 
 def non_default(cfg: Any) -> dict[str, Any]:

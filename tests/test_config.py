@@ -1,4 +1,4 @@
-"""The one config mechanism: typed nested sections, one precedence rule (YAML < --set < flags)
+"""The one config mechanism: typed nested sections, one precedence rule (YAML < flags < --set)
 for every command, every ``--set`` applied, every config error one ``ConfigError`` line."""
 
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from test_cli_errors import _one_line_error
 
 from slidefm.cli import build_parser, iter_commands, main
 from slidefm.config import ConfigError, flag_values, from_dict, load_config, non_default
@@ -41,57 +42,57 @@ def test_non_default_lists_what_was_set():
     assert non_default(Outer(inner=Inner(scale=(0.2, 0.4)))) == {"inner": {"scale": [0.2, 0.4]}}
 
 
-def test_precedence_yaml_then_set_then_flags(tmp_path):
+def test_precedence_yaml_then_flags_then_set(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: yaml\ninner: {size: 7}\n")
     assert load_config(Outer, path).name == "yaml"
-    assert load_config(Outer, path, ["name=set"]).name == "set"
-    cfg = load_config(Outer, path, ["name=set", "inner.size=8"], flags={"name": "flag"})
-    assert (cfg.name, cfg.inner.size) == ("flag", 8)
-    assert load_config(Outer, path, ["inner.size=8"], flags={"inner.size": 9}).inner.size == 9
+    assert load_config(Outer, path, flags={"name": "flag"}).name == "flag"
+    cfg = load_config(Outer, path, ["name=set"], flags={"name": "flag", "inner.size": 9})
+    assert (cfg.name, cfg.inner.size) == ("set", 9)
+    assert load_config(Outer, path, ["inner.size=8"], flags={"inner.size": 9}).inner.size == 8
 
 
 def _args(argv):
     return build_parser().parse_args(argv)
 
 
-def test_encode_slides_flags_beat_set_beat_yaml(tmp_path):
+def test_encode_slides_set_beats_flags_beat_yaml(tmp_path):
     from slidefm.pipelines.encode import config_from_args
 
     base = ["encode-slides", "x.svs", "--out", str(tmp_path), "--config", "default"]
     assert config_from_args(_args(base)).target_mpp == 0.5  # configs/encode/default.yaml
-    over = base + ["--set", "target_mpp=1.0", "--set", "tissue.mode=fluorescence"]
-    cfg = config_from_args(_args(over))
-    assert cfg.target_mpp == 1.0 and cfg.tissue.mode == "fluorescence"
-    cfg = config_from_args(_args(over + ["--target-mpp", "0.25", "--tissue", "brightfield"]))
-    assert cfg.target_mpp == 0.25 and cfg.tissue.mode == "brightfield"
-    cfg = config_from_args(_args(base + ["--set", "qc=true", "--no-qc"]))
-    assert cfg.qc is False
+    flags = base + ["--target-mpp", "0.25", "--tissue", "brightfield", "--no-qc"]
+    cfg = config_from_args(_args(flags))
+    assert (cfg.target_mpp, cfg.tissue.mode, cfg.qc) == (0.25, "brightfield", False)
+    over = ["--set", "target_mpp=1.0", "--set", "tissue.mode=fluorescence", "--set", "qc=true"]
+    cfg = config_from_args(_args(flags + over))
+    assert (cfg.target_mpp, cfg.tissue.mode, cfg.qc) == (1.0, "fluorescence", True)
+    assert cfg.tissue.min_saturation == 0.07  # the other TissueConfig fields keep defaults
 
 
-def test_synth_cohort_flags_beat_set_beat_yaml(tmp_path):
+def test_synth_cohort_set_beats_flags_beat_yaml(tmp_path):
     from slidefm.pipelines.synth import options_from_args
 
     base = ["synth-cohort", "--out", str(tmp_path), "--config", "tiny"]
     assert options_from_args(_args(base)).cells == 6  # configs/synth/tiny.yaml
-    assert options_from_args(_args(base + ["--set", "cells=8"])).cells == 8
-    assert options_from_args(_args(base + ["--set", "cells=8", "--cells", "10"])).cells == 10
+    assert options_from_args(_args(base + ["--cells", "10"])).cells == 10
+    assert options_from_args(_args(base + ["--cells", "10", "--set", "cells=8"])).cells == 8
+    assert options_from_args(_args(base + ["--quality", "70"])).jpeg_quality == 70
 
 
-def test_mil_train_flags_beat_set_beat_yaml(tmp_path):
+def test_mil_train_set_beats_flags_beat_yaml(tmp_path):
     from slidefm.pipelines.mil import config_from_args
 
     base = ["mil", "train", "--manifest", "m.csv", "--features", "f", "--label", "y", "--out",
             str(tmp_path)]  # fmt: skip
     yaml_epochs = config_from_args(_args(base)).epochs
-    assert config_from_args(_args(base + ["--set", f"epochs={yaml_epochs + 1}"])).epochs == (
-        yaml_epochs + 1
-    )
-    argv = base + ["--set", f"epochs={yaml_epochs + 1}", "--epochs", str(yaml_epochs + 2)]
-    assert config_from_args(_args(argv)).epochs == yaml_epochs + 2
+    flag = base + ["--epochs", str(yaml_epochs + 2)]
+    assert config_from_args(_args(flag)).epochs == yaml_epochs + 2
+    argv = flag + ["--set", f"epochs={yaml_epochs + 1}"]
+    assert config_from_args(_args(argv)).epochs == yaml_epochs + 1
 
 
-def test_align_slide_encoder_flag_beats_set(tmp_path, monkeypatch):
+def test_align_set_beats_the_slide_encoder_flag(tmp_path, monkeypatch):
     import slidefm.train.align as align
 
     seen = {}
@@ -102,19 +103,11 @@ def test_align_slide_encoder_flag_beats_set(tmp_path, monkeypatch):
 
     monkeypatch.setattr(align, "run_align", fake_run_align)
     base = ["align", "--config", "tiny", "--embeddings", "e.h5", "--manifest", "m.csv", "--out",
-            str(tmp_path), "--set", "slide_encoder=set.pt", "--set", "data.batch_size=3"]  # fmt: skip
-    assert main(base) == 0
-    assert seen["cfg"].slide_encoder == "set.pt" and seen["cfg"].data.batch_size == 3
+            str(tmp_path), "--set", "data.batch_size=3"]  # fmt: skip
     assert main(base + ["--slide-encoder", "flag.pt"]) == 0
-    assert seen["cfg"].slide_encoder == "flag.pt"
-
-
-def _one_line_error(argv, capsys) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
-    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, err)
-    return lines[0]
+    assert seen["cfg"].slide_encoder == "flag.pt" and seen["cfg"].data.batch_size == 3
+    assert main(base + ["--slide-encoder", "flag.pt", "--set", "slide_encoder=set.pt"]) == 0
+    assert seen["cfg"].slide_encoder == "set.pt"
 
 
 def _set_commands(tmp_path) -> dict[tuple[str, ...], list[str]]:

@@ -1,7 +1,7 @@
 """``slidefm align``: contrastive slide ↔ report alignment on a cohort manifest.
 
 The command line of ``slidefm.train.align.run_align`` (inputs, splits and outputs are
-described there). Options: ``--config`` YAML < ``--set key=value`` < ``--slide-encoder``.
+described there). Options: ``--config`` YAML < ``--slide-encoder`` < ``--set key=value``.
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """``slidefm encode-slides``: slides → one ``<slide_id>.h5`` of tile features each.
 
 The command line of ``slidefm.encoders.cohort.run_encode`` (resume, shards, run records, disk
-errors are explained there). Options: ``--config`` YAML < ``--set key=value`` < the explicit
-flags below (``slidefm.config``).
+errors are explained there). Options: ``--config`` YAML < the explicit flags below <
+``--set key=value`` (``slidefm.config``).
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> EncodeConfig:
-    """YAML < ``--set`` < explicit flags (``--tissue`` is ``tissue.mode``, ``--no-qc`` is ``qc``)."""
+    """YAML < explicit flags (``--tissue`` is ``tissue.mode``, ``--no-qc`` is ``qc``) < ``--set``."""
     from slidefm.config import flag_values, load_config
     from slidefm.encoders.encode_config import EncodeConfig
 

@@ -913,7 +913,7 @@ def parse_seeds(s: str) -> list[int]:
 
 
 def config_from_args(args: argparse.Namespace) -> MILConfig:
-    """YAML < ``--set`` < explicit flags, as every command (``slidefm.config``)."""
+    """YAML < explicit flags < ``--set``, as every command (``slidefm.config``)."""
     default = "survival" if getattr(args, "task", None) == "survival" else "default"
     flags = flag_values(args, list(FLAG_TO_FIELD))
     if getattr(args, "finetune", False):

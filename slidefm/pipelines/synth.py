@@ -1,7 +1,7 @@
 """``slidefm synth-cohort``: a synthetic pyramidal-TIFF cohort with planted labels and reports.
 
-Options come from ``configs/synth/<name>.yaml`` (fields of ``CohortOptions``), then ``--set``
-overrides, then the explicit flags below. Re-running the same command resumes: finished slides
+Options come from ``configs/synth/<name>.yaml`` (fields of ``CohortOptions``), then the
+explicit flags below, then ``--set`` overrides (YAML < flags < ``--set``, as every command). Re-running the same command resumes: finished slides
 (same seed and options) are skipped.
 """
 
@@ -45,7 +45,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def options_from_args(args: argparse.Namespace):
-    """``CohortOptions``: YAML < ``--set`` < the explicit flags (``slidefm.config``)."""
+    """``CohortOptions``: YAML < the explicit flags < ``--set`` (``slidefm.config``)."""
     from slidefm.wsi.synthetic import CohortOptions
 
     flags = flag_values(args, FLAGS)

@@ -80,7 +80,7 @@ class AlignRunConfig:
 def load_run_config(
     path: str | None, overrides: list[str] | None, flags: dict[str, Any] | None = None
 ) -> AlignRunConfig:
-    """The typed config: YAML < ``overrides`` (``--set``) < ``flags`` (``--slide-encoder``)."""
+    """The typed config: YAML < ``flags`` (``--slide-encoder``) < ``overrides`` (``--set``)."""
     return load_typed_config(AlignRunConfig, path, overrides, "align", flags)
 
 
@@ -375,20 +375,14 @@ def claim_output(
     return identity
 
 
-def training_pairs(
-    model: SlideTextModel,
-    cohort: AlignCohort,
-    data: AlignDataConfig,
-    features: str | Path | None,
-    embeddings: str | Path | None,
-    use_bags: bool,
-    seed: int,
-):
+def training_pairs(model: SlideTextModel, cohort: AlignCohort, data: AlignDataConfig,
+                   inputs: dict[str, Any], use_bags: bool, seed: int):  # fmt: skip
     """(slide–report pairs, training slide embeddings or None): bags when the encoder trains,
     else every training slide embedded once (z-scored per dim with ``data.standardize``)."""
     from slidefm.io.pairs import SlideReportPairs
     from slidefm.train.data import training_bags
 
+    features, embeddings = inputs["features"], inputs["embeddings"]
     train_ids, train_emb = cohort.train_ids, None
     if use_bags:
         pairs_kw: dict[str, Any] = {"bags": training_bags(features, train_ids, data, seed)}
@@ -412,16 +406,11 @@ def training_pairs(
     return ds, train_emb
 
 
-def make_eval_fn(
-    cohort: AlignCohort,
-    data: AlignDataConfig,
-    features: str | Path | None,
-    embeddings: str | Path | None,
-    use_bags: bool,
-    seed: int,
-):
+def make_eval_fn(cohort: AlignCohort, data: AlignDataConfig, inputs: dict[str, Any],
+                 use_bags: bool, seed: int):  # fmt: skip
     """eval_fn(model) → ``val_metrics`` on one slide per validation case; the embeddings are
     cached while the slide encoder is frozen."""
+    features, embeddings = inputs["features"], inputs["embeddings"]
     val_ids, cache = cohort.val_ids, {}  # cache: {'z': [N_val, E_slide]}
 
     def eval_fn(m: SlideTextModel) -> dict[str, float]:
@@ -486,7 +475,7 @@ def run_align(
 
     ``out`` belongs to one (config, manifest rows + slide inputs + tokenizer, seed): another
     one is refused unless ``overwrite`` (see ``train.run_dir.claim_run_dir``). ``flags``:
-    config values of explicit command-line options (they beat ``overrides``)."""
+    config values of explicit command-line options (``overrides`` beat them)."""
     from slidefm.io.pairs import collate_pairs
     from slidefm.train.data import make_loader
     from slidefm.train.run_dir import RUN_CONFIG, fit_run, write_json
@@ -532,7 +521,7 @@ def run_align(
     use_bags = features is not None and not (
         mcfg.slide_trainable == "frozen" and data.precompute_frozen
     )
-    ds, train_emb = training_pairs(model, cohort, data, features, embeddings, use_bags, seed)
+    ds, train_emb = training_pairs(model, cohort, data, inputs, use_bags, seed)
     loader = make_loader(
         ds,
         data.batch_size,
@@ -541,7 +530,7 @@ def run_align(
         collate_fn=collate_pairs,
         drop_last=len(ds) >= 2 * data.batch_size * world,
     )
-    eval_fn = make_eval_fn(cohort, data, features, embeddings, use_bags, seed)
+    eval_fn = make_eval_fn(cohort, data, inputs, use_bags, seed)
     title = f"slidefm align ({config}, seed {seed}): {out.name}"
     finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step, title=title)
     if rank == 0 and finished:

@@ -144,10 +144,10 @@ def load_run_config(
     subdir: str,
     flags: dict[str, Any] | None = None,
 ) -> T:
-    """A training command's typed config (YAML < ``--set`` < ``flags``, as ``load_config``)
+    """A training command's typed config (YAML < ``flags`` < ``--set``, as ``load_config``)
     whose ``train`` section may not set ``out_dir``/``seed`` (they come from --out/--seed)."""
     base = load_yaml(resolve_config_path(path, subdir)) if path else {}
-    raw = set_values(apply_overrides(base, overrides), flags)
+    raw = apply_overrides(set_values(base, flags), overrides)
     check_train_section(raw.get("train") or {})
     return from_dict(cls, raw)
 
