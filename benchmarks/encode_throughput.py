@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from slidefm.encoders.tile import TileEncoder
 from slidefm.encoders.cohort import run_encode
 from slidefm.encoders.encode_config import EncodeConfig
+from slidefm.encoders.tile import TileEncoder
 from slidefm.wsi.jobs import SlideJob
 
 REPO = Path(__file__).resolve().parent.parent

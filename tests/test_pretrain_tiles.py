@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 
 from slidefm.cli import main
 from slidefm.io.features import SlideFeatures, read_attrs, write_features
-from slidefm.wsi.jobs import SlideJob
 from slidefm.pipelines.tile_probes import patient_split, run_probe_tiles
 from slidefm.train.tile_ssl import run_pretrain_tiles
+from slidefm.wsi.jobs import SlideJob
 from slidefm.wsi.synthetic import generate_cohort
 from slidefm.wsi.synthetic_tiff import write_pyramid_tiff
 
