@@ -209,3 +209,17 @@ def test_flag_values_only_given_flags():
     assert flag_values(A(), {"target_mpp": "target_mpp", "tissue": "tissue.mode"}) == {
         "tissue.mode": "auto"
     }
+
+
+def test_encode_hash_of_typed_tissue_is_the_mapping_hash_it_always_was():
+    """Feature folders written when ``tissue`` was a plain mapping still count as complete:
+    the hash takes the tissue options that were set, as that mapping held them."""
+    from slidefm.config import config_hash
+    from slidefm.encoders.encode_config import OUTPUT_FIELDS, EncodeConfig, slide_hash
+    from slidefm.wsi.jobs import SlideJob
+
+    rt = {"device": "cpu", "precision": "fp32"}
+    tissue = {"mode": "fluorescence", "pen_hue_range": [0.1, 0.6]}
+    cfg = from_dict(EncodeConfig, {"tissue": tissue, "target_mpp": 1.0})
+    old = {k: getattr(cfg, k) for k in OUTPUT_FIELDS} | {"tissue": tissue, "seed": 3, **rt}
+    assert slide_hash(cfg, SlideJob("a", "a.svs"), 3, rt) == config_hash(old)
