@@ -101,20 +101,9 @@ def probe_classification(run: ProbeRun) -> tuple[dict[str, Any], list[str]]:
     ``summary.json`` to run.out → (summary, the report lines to print)."""
     import pandas as pd
 
-    from slidefm.eval.probes import FEW_SHOT_KS, mean_sd
-    from slidefm.eval.report import (
-        evaluate_predictions,
-        format_summary,
-        write_csv,
-        write_json,
-        write_report,
-    )
-    from slidefm.eval.targets import (
-        aggregate_patients,
-        check_class_sizes,
-        encode_targets,
-        make_task,
-    )
+    from slidefm.eval.probes import FEW_SHOT_KS
+    from slidefm.eval.report import write_json
+    from slidefm.eval.targets import check_class_sizes, encode_targets, make_task
     from slidefm.io.manifest import read_cohort_manifest, strip_labels
 
     if not run.label:
@@ -137,6 +126,21 @@ def probe_classification(run: ProbeRun) -> tuple[dict[str, Any], list[str]]:
                  slide_level_only=bool(run.slide_level_only),
                  slidefm_version=slidefm.__version__)  # fmt: skip
     summary: dict = {**meta, "probes": {}}
+    lines = _report(run, out, task, meta, summary, rows, chosen_c)
+    if fs_rows:
+        lines += _report_fewshot(out, summary, pd.concat(fs_rows, ignore_index=True))
+    write_json(summary, out / "summary.json")
+    return summary, lines
+
+
+def _report(run: ProbeRun, out: Path, task, meta, summary, rows, chosen_c) -> list[str]:
+    """The linear / kNN result files and ``predictions.csv``; their summaries into
+    ``summary["probes"]``; returns their report lines."""
+    import pandas as pd
+
+    from slidefm.eval.report import evaluate_predictions, format_summary, write_csv, write_report
+    from slidefm.eval.targets import aggregate_patients
+
     lines, all_preds = [], []
     for name in ("linear", "knn"):
         if not rows[name]:
@@ -152,19 +156,22 @@ def probe_classification(run: ProbeRun) -> tuple[dict[str, Any], list[str]]:
         lines += [f"[{name}]", format_summary(result)]
     if all_preds:
         write_csv(pd.concat(all_preds, ignore_index=True), out / "predictions.csv")
-    if fs_rows:
-        fs = pd.concat(fs_rows, ignore_index=True)
-        write_csv(fs, out / "fewshot.csv")
-        fs_sum = mean_sd(fs, ["k"])
-        write_csv(fs_sum, out / "fewshot_summary.csv")
-        summary["probes"]["fewshot"] = fs_sum.to_dict(orient="records")
-        lines.append("[fewshot] (mean ± sd over draws × folds × seeds)")
-        lines += [
-            f"  k={r.k:>2}: AUROC {r.auroc_mean:.3f} ± {r.auroc_sd:.3f}   balanced acc {r.balanced_accuracy_mean:.3f} ± {r.balanced_accuracy_sd:.3f}   (n={r.n})"
-            for r in fs_sum.itertuples()
-        ]
-    write_json(summary, out / "summary.json")
-    return summary, lines
+    return lines
+
+
+def _report_fewshot(out: Path, summary: dict, fs: pd.DataFrame) -> list[str]:
+    """``fewshot.csv`` (every draw) and ``fewshot_summary.csv`` (mean ± sd per k)."""
+    from slidefm.eval.probes import mean_sd
+    from slidefm.eval.report import write_csv
+
+    write_csv(fs, out / "fewshot.csv")
+    fs_sum = mean_sd(fs, ["k"])
+    write_csv(fs_sum, out / "fewshot_summary.csv")
+    summary["probes"]["fewshot"] = fs_sum.to_dict(orient="records")
+    return ["[fewshot] (mean ± sd over draws × folds × seeds)"] + [
+        f"  k={r.k:>2}: AUROC {r.auroc_mean:.3f} ± {r.auroc_sd:.3f}   balanced acc {r.balanced_accuracy_mean:.3f} ± {r.balanced_accuracy_sd:.3f}   (n={r.n})"
+        for r in fs_sum.itertuples()
+    ]
 
 
 def probe_survival(run: ProbeRun) -> tuple[dict[str, Any], dict[str, Any]]:

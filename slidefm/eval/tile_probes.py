@@ -76,6 +76,23 @@ def probe_encoder(
     return pd.DataFrame(rows)
 
 
+def _encoder_summary(folder: str, first_slide: str, n_tiles: int, table: pd.DataFrame) -> dict:
+    """One encoder's entry of summary.json: its features, weights and mean ± sd per probe."""
+    weights = read_attrs(Path(folder) / f"{first_slide}.h5").get("encoder_weights")
+    return {
+        "features": str(folder),
+        "encoder_weights": weights,
+        "n_tiles": int(n_tiles),
+        **{
+            p: {
+                "mean": float(g["bacc"].mean()),
+                "sd": float(g["bacc"].std(ddof=1)) if len(g) > 1 else 0.0,
+            }
+            for p, g in table.groupby("probe", sort=False)
+        },
+    }
+
+
 def run_probe_tiles(
     features: dict[str, str],
     labels_csv: str,
@@ -115,19 +132,7 @@ def run_probe_tiles(
         df = probe_encoder(x, y, rows["case_id"].astype(str).to_numpy(), list(seeds), shots)
         df.insert(0, "encoder", name)
         tables.append(df)
-        weights = read_attrs(Path(folder) / f"{rows['slide_id'].iloc[0]}.h5").get("encoder_weights")
-        summary[name] = {
-            "features": str(folder),
-            "encoder_weights": weights,
-            "n_tiles": int(len(y)),
-            **{
-                p: {
-                    "mean": float(g["bacc"].mean()),
-                    "sd": float(g["bacc"].std(ddof=1)) if len(g) > 1 else 0.0,
-                }
-                for p, g in df.groupby("probe", sort=False)
-            },
-        }
+        summary[name] = _encoder_summary(folder, rows["slide_id"].iloc[0], len(y), df)
     table = pd.concat(tables, ignore_index=True)
     with atomic_path(out / "tile_probes.csv") as tmp:
         table.to_csv(tmp, index=False)

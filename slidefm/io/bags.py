@@ -133,6 +133,29 @@ def subsample(n: int, max_tiles: int | None, rng: np.random.Generator) -> np.nda
     return np.sort(rng.choice(n, size=max_tiles, replace=False))
 
 
+def _resolve_files(
+    source: str | Path | Sequence[str | Path], slide_ids: Sequence[str] | None
+) -> list[Path]:
+    """Feature files of a folder (restricted to and ordered by ``slide_ids``) or a file list."""
+    if isinstance(source, str | Path):
+        files = list_feature_files(source)
+        by_id = {p.stem: p for p in files}
+        if slide_ids is not None:
+            missing = [s for s in slide_ids if s not in by_id]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} slide(s) have no feature file in {source}: "
+                    f"{', '.join(missing[:5])}; encode them or drop them from the manifest"
+                )
+            files = [by_id[s] for s in slide_ids]
+    else:
+        files = [Path(p) for p in source]
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"Feature file(s) not found: {', '.join(missing[:5])}")
+    return files
+
+
 class FeatureBagDataset(Dataset):
     """Slides as bags of tile features: item = {slide_id, features (N, D) float32,
     grid (N, 2) int64 (col, row), label (if labels were given)}.
@@ -170,22 +193,8 @@ class FeatureBagDataset(Dataset):
             self.rows = np.arange(len(self.store.paths)) if rows is None else np.asarray(rows)
             files = [self.store.paths[int(j)] for j in self.rows]
             slide_ids = [self.store.slide_ids[int(j)] for j in self.rows]
-        elif isinstance(feature_dir_or_paths, str | Path):
-            files = list_feature_files(feature_dir_or_paths)
-            by_id = {p.stem: p for p in files}
-            if slide_ids is not None:
-                missing = [s for s in slide_ids if s not in by_id]
-                if missing:
-                    raise FileNotFoundError(
-                        f"{len(missing)} slide(s) have no feature file in {feature_dir_or_paths}: "
-                        f"{', '.join(missing[:5])}; encode them or drop them from the manifest"
-                    )
-                files = [by_id[s] for s in slide_ids]
         else:
-            files = [Path(p) for p in feature_dir_or_paths]
-            missing = [str(p) for p in files if not p.is_file()]
-            if missing:
-                raise FileNotFoundError(f"Feature file(s) not found: {', '.join(missing[:5])}")
+            files = _resolve_files(feature_dir_or_paths, slide_ids)
         if self.store is None:
             check_cohort(files)  # no empty files, one tile encoder; contents checked on read
         self.paths = files

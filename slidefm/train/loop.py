@@ -658,11 +658,16 @@ class Trainer:
                 continue
             break
         pbar.close()
-        if self.step >= cfg.max_steps or self.should_stop:
+        self._finish()
+        return self.rows
+
+    def _finish(self) -> None:
+        """End of fit(): a finished or stopped run gives its callbacks ``on_fit_end`` (model
+        selection loads the kept weights), then the metrics are written."""
+        if self.step >= self.cfg.max_steps or self.should_stop:
             for cb in self.callbacks:
                 cb.on_fit_end(self)
         self.write_metrics()
-        return self.rows
 
     def _after_step(self, window: dict[str, list], pbar: tqdm) -> None:
         cfg, s = self.cfg, self.step

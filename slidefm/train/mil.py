@@ -76,6 +76,12 @@ class MILConfig:
         """A frozen slide encoder: its head trains on cached embeddings, on the head schedule."""
         return self.model == "slide_encoder" and self.freeze_encoder
 
+    def schedule(self) -> tuple[int, float, int, int]:
+        """(epochs, lr, batch size, patience): the head schedule for a frozen encoder."""
+        if self.probe:
+            return self.head_epochs, self.head_lr, self.head_batch_size, self.head_patience
+        return self.epochs, self.lr, self.batch_size, self.patience
+
     def validate(self) -> None:
         if self.model not in MIL_MODELS:
             raise ValueError(
@@ -176,6 +182,29 @@ def _train_loader(train_set, y_tr, task: Task, cfg: MILConfig, objective, batch_
     return loader, weight
 
 
+def _fold_fns(cfg: MILConfig, task: Task, objective, weight, val_set, y_val, device):
+    """(loss_fn, eval_fn) of a fold's Trainer: the classification loss (class-weighted) or
+    the survival objective; validation metrics of either."""
+    from slidefm.eval.inference import forward_batch, predict_bags
+    from slidefm.models.mil import mil_loss
+
+    def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
+        logits = forward_batch(m, batch)["logits"]
+        if objective is not None:
+            return objective(logits, batch["label"]), {}
+        return mil_loss(logits, batch["label"], task.multilabel, weight), {}
+
+    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
+        if objective is None:
+            return _val_score(m, val_set, y_val, cfg, device, task, weight)
+        from slidefm.eval.survival import survival_val_score
+
+        logits = predict_bags(m, val_set, cfg.eval_batch_size, device, False, raw=True)
+        return survival_val_score(objective, logits, y_val, cfg.val_metric)[1]
+
+    return loss_fn, eval_fn
+
+
 def _fold_dir(out_dir: Path, cfg: MILConfig, seed: int) -> Path:
     """``out_dir/train`` for this (config, seed); one left by another config is cleared."""
     train_dir = out_dir / "train"
@@ -224,9 +253,8 @@ def train_fold(
     """
     import torch
 
-    from slidefm.eval.inference import forward_batch, predict_bags
-    from slidefm.models.mil import Standardized, mil_loss
-    from slidefm.train.loop import ModelSelection, TrainConfig, Trainer
+    from slidefm.models.mil import Standardized
+    from slidefm.train.loop import ModelSelection, Trainer
 
     seed_everything(seed)
     n_out = task.num_classes if objective is None else objective.num_outputs
@@ -236,40 +264,38 @@ def train_fold(
         mean, std = feature_stats(bags, idx["train"])
         model = Standardized(model, torch.from_numpy(mean), torch.from_numpy(std))
     device = pick_device(cfg.device)
-    epochs, lr, batch_size, patience = (
-        (cfg.head_epochs, cfg.head_lr, cfg.head_batch_size, cfg.head_patience)
-        if cfg.probe
-        else (cfg.epochs, cfg.lr, cfg.batch_size, cfg.patience)
-    )
+    epochs, lr, batch_size, patience = cfg.schedule()
     train_set, val_set = _datasets(model, bags, y, idx, cfg, device, seed, enc_weights)
     loader, weight = _train_loader(train_set, y[idx["train"]], task, cfg, objective, batch_size,
                                    seed)  # fmt: skip
     weight = None if weight is None else weight.to(device)
-    steps_per_epoch = len(loader)
     train_dir = _fold_dir(out_dir, cfg, seed)
 
-    def loss_fn(m: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = forward_batch(m, batch)["logits"]
-        if objective is not None:
-            return objective(logits, batch["label"]), {}
-        return mil_loss(logits, batch["label"], task.multilabel, weight), {}
+    loss_fn, eval_fn = _fold_fns(cfg, task, objective, weight, val_set, y[idx["val"]], device)
+    # Best epoch by val_score (the first epoch counts even when undefined), patience epochs.
+    select = ModelSelection(lambda metrics: val_score(metrics, cfg.val_metric),
+                            train_dir / "best.pt", patience=patience, first_always=True,
+                            history_path=train_dir / "early_stopping.json")  # fmt: skip
+    tcfg = _train_config(cfg, epochs, lr, len(loader), train_dir, seed, device)
+    trainer = Trainer(model, loss_fn, loader, tcfg, eval_fn=eval_fn, callbacks=[select])
+    trainer.fit()
+    model = trainer.module.eval()
+    best = select.best or {}
+    fold = {"in_dim": bags.dim, "num_classes": n_out, "model_kwargs": kwargs,
+            "standardize": standardize, "task": task.to_dict(),
+            "survival": None if objective is None else objective.to_dict(),
+            "best_epoch": best.get("index", -1), "epochs_run": len(select.history),
+            "val": best.get("metrics", {})}  # fmt: skip
+    return model, _fold_meta(cfg, model, fold, enc_weights)
 
-    def eval_fn(m: torch.nn.Module) -> dict[str, float]:
-        if objective is None:
-            return _val_score(m, val_set, y[idx["val"]], cfg, device, task, weight)
-        from slidefm.eval.survival import survival_val_score
 
-        logits = predict_bags(m, val_set, cfg.eval_batch_size, device, False, raw=True)
-        return survival_val_score(objective, logits, y[idx["val"]], cfg.val_metric)[1]
+def _train_config(cfg: MILConfig, epochs: int, lr: float, steps_per_epoch: int,
+                  train_dir: Path, seed: int, device) -> Any:  # fmt: skip
+    """The Trainer schedule of a fold: one evaluation and log row per epoch, warmup one epoch,
+    a checkpoint every ``CKPT_EPOCHS`` epochs."""
+    from slidefm.train.loop import TrainConfig
 
-    select = ModelSelection(
-        lambda metrics: val_score(metrics, cfg.val_metric),
-        train_dir / "best.pt",
-        patience=patience,
-        history_path=train_dir / "early_stopping.json",
-        first_always=True,
-    )
-    tcfg = TrainConfig(
+    return TrainConfig(
         max_steps=epochs * steps_per_epoch,
         lr=lr,
         weight_decay=cfg.weight_decay,
@@ -284,21 +310,13 @@ def train_fold(
         device=str(device),
         progress=False,
     )
-    trainer = Trainer(model, loss_fn, loader, tcfg, eval_fn=eval_fn, callbacks=[select])
-    trainer.fit()
-    model = trainer.module.eval()
-    best = select.best or {}
-    meta = {
+
+
+def _fold_meta(cfg: MILConfig, model, fold: dict[str, Any], enc_weights: str | None) -> dict:
+    """The self-description a fold checkpoint carries (``models.mil.load_mil_checkpoint``)."""
+    return {
         "model": cfg.model,
-        "in_dim": bags.dim,
-        "num_classes": n_out,
-        "model_kwargs": kwargs,
-        "standardize": standardize,
-        "task": task.to_dict(),
-        "survival": None if objective is None else objective.to_dict(),
-        "best_epoch": best.get("index", -1),
-        "epochs_run": len(select.history),
-        "val": best.get("metrics", {}),
+        **fold,
         "slide_encoder": {
             "spec": cfg.slide_encoder,
             "weights": enc_weights,
@@ -307,4 +325,3 @@ def train_fold(
         if cfg.model == "slide_encoder"
         else None,
     }
-    return model, meta
