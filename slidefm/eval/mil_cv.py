@@ -26,8 +26,9 @@ from slidefm.eval.protocol import (
     iter_folds,
     label_strata,
     n_folds_of,
-    parse_horizons,
     run_splits,
+    score_survival,
+    survival_fold_frame,
 )
 
 if TYPE_CHECKING:
@@ -173,10 +174,8 @@ def run_survival_cv(df: pd.DataFrame, time: np.ndarray, event: np.ndarray, bags:
                     progress: bool = True) -> pd.DataFrame:  # fmt: skip
     """Survival: every (seed, fold) → slide table ``seed, fold, slide_id, case_id, time,
     event, risk_raw, risk`` (``risk`` normalised per fold)."""
-    import pandas as pd
 
     from slidefm.eval.inference import predict_bags
-    from slidefm.eval.survival import normalise_fold_risk
     from slidefm.io.bags import bag_rows
     from slidefm.models.survival import SurvivalObjective
     from slidefm.train.mil import train_fold
@@ -203,15 +202,9 @@ def run_survival_cv(df: pd.DataFrame, time: np.ndarray, event: np.ndarray, bags:
             return objective.risk(logits)
 
         te = idx["test"]
-        raw = risk(te)
-        preds = pd.DataFrame({
-            "seed": seed, "fold": fold,
-            "slide_id": df["slide_id"].iloc[te].astype(str).to_numpy(),
-            "case_id": df["case_id"].iloc[te].astype(str).to_numpy(),
-            "time": time[te], "event": event[te], "risk_raw": raw,
-            "risk": normalise_fold_risk(raw, risk(np.concatenate([tr, idx["val"]]))),
-        })  # fmt: skip
-        return model, meta, preds
+        raw = risk(te)  # (test first, as always: each DataLoader draws from the global RNG)
+        fit_risk = risk(np.concatenate([tr, idx["val"]]))
+        return model, meta, survival_fold_frame(df, te, seed, fold, time, event, raw, fit_risk)
 
     return cv_loop(df, bags, splits, out, chash, fit, cfg, progress)
 
@@ -273,8 +266,7 @@ def train_mil(run: MILRun, cfg: MILConfig) -> tuple[dict[str, Any], dict[str, An
 def train_mil_survival(run: MILRun, cfg: MILConfig) -> tuple[dict[str, Any], dict[str, Any]]:
     """A ``mil train --task survival`` run → (result, meta); writes predictions.csv,
     patient_predictions.csv, results.json, fold/seed metric CSVs and KM PNGs to run.out."""
-    from slidefm.eval.report import write_csv
-    from slidefm.eval.survival import evaluate_survival, patient_risks, write_survival_report
+    from slidefm.eval.survival import write_survival_report
     from slidefm.io.manifest import check_survival, read_cohort_manifest
     from slidefm.models.survival import SurvivalObjective
 
@@ -289,12 +281,7 @@ def train_mil_survival(run: MILRun, cfg: MILConfig) -> tuple[dict[str, Any], dic
     strata = label_strata(df.assign(**{run.event: event}), [run.event])
     bags, splits, enc_weights = _cohort(run, cfg, df, strata, event_task(run.event))
     preds = run_survival_cv(df, time, event, bags, splits, cfg, out, run.progress)
-    write_csv(preds, out / "predictions.csv")
-    patients = patient_risks(preds)
-    write_csv(patients, out / "patient_predictions.csv")
-    first = patients[patients["seed"] == patients["seed"].min()]
-    horizons = parse_horizons(run.horizons, first["time"].to_numpy(), first["event"].to_numpy())
-    result = evaluate_survival(patients, horizons, n_boot=cfg.n_boot, seed=run.seed)
+    patients, result = score_survival(preds, out, run.horizons, cfg.n_boot, run.seed)
     meta = _run_meta(
         run, cfg, bags, provenance_notes(bags, cfg, enc_weights),
         command="mil train --task survival", model=cfg.model, survival_loss=cfg.survival_loss,

@@ -16,7 +16,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 import slidefm
-from slidefm.eval.protocol import fold_seed, iter_folds, n_folds_of, parse_horizons, run_splits
+from slidefm.eval.protocol import (
+    fold_seed,
+    iter_folds,
+    n_folds_of,
+    run_splits,
+    score_survival,
+    survival_fold_frame,
+)
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -182,11 +189,7 @@ def probe_survival(run: ProbeRun) -> tuple[dict[str, Any], dict[str, Any]]:
     from tqdm import tqdm
 
     from slidefm.eval.probes import cox_probe
-    from slidefm.eval.report import write_csv
     from slidefm.eval.survival import (
-        evaluate_survival,
-        normalise_fold_risk,
-        patient_risks,
         write_survival_report,
     )
     from slidefm.io.manifest import check_survival, read_cohort_manifest
@@ -207,20 +210,9 @@ def probe_survival(run: ProbeRun) -> tuple[dict[str, Any], dict[str, Any]]:
         tr, va, te = idx["train"], idx["val"], idx["test"]
         res = cox_probe(x[tr], time[tr], event[tr], x[va], time[va], event[va], x[te])
         chosen.append({"seed": seed, "fold": fold, "penalty": res.best_penalty})
-        rows.append(pd.DataFrame({
-            "seed": seed, "fold": fold,
-            "slide_id": df["slide_id"].iloc[te].astype(str).to_numpy(),
-            "case_id": df["case_id"].iloc[te].astype(str).to_numpy(),
-            "time": time[te], "event": event[te], "risk_raw": res.risk,
-            "risk": normalise_fold_risk(res.risk, res.fit_risk),
-        }))  # fmt: skip
+        rows.append(survival_fold_frame(df, te, seed, fold, time, event, res.risk, res.fit_risk))
     preds = pd.concat(rows, ignore_index=True)
-    write_csv(preds, out / "predictions.csv")
-    patients = patient_risks(preds)
-    write_csv(patients, out / "patient_predictions.csv")
-    first = patients[patients["seed"] == patients["seed"].min()]
-    horizons = parse_horizons(run.horizons, first["time"].to_numpy(), first["event"].to_numpy())
-    result = evaluate_survival(patients, horizons, n_boot=run.n_boot, seed=run.seed)
+    patients, result = score_survival(preds, out, run.horizons, run.n_boot, run.seed)
     meta = _meta(run, attrs, command="probe --task survival", probe="cox", time=run.time,
                  event=run.event, level="patient")  # fmt: skip
     meta.update(chosen_penalty=chosen, slidefm_version=slidefm.__version__)

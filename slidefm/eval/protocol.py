@@ -162,3 +162,38 @@ def patient_split(cases: np.ndarray, seed: int, fractions=(0.5, 0.2, 0.3)) -> np
     part = np.empty(len(uniq), dtype=object)
     part[perm[:n_tr]], part[perm[n_tr : n_tr + n_va]], part[perm[n_tr + n_va :]] = SPLIT_PARTS
     return part[np.searchsorted(uniq, cases)]
+
+
+def survival_fold_frame(df: pd.DataFrame, rows: np.ndarray, seed: int, fold: int,
+                        time: np.ndarray, event: np.ndarray, risk: np.ndarray,
+                        fit_risk: np.ndarray) -> pd.DataFrame:  # fmt: skip
+    """One fold's test slides ``rows``: seed, fold, slide_id, case_id, time, event, risk_raw
+    and ``risk`` standardised by the fold model's risks on its own training data
+    (``fit_risk``), so folds can be pooled."""
+    import pandas as pd
+
+    from slidefm.eval.survival import normalise_fold_risk
+
+    return pd.DataFrame({
+        "seed": seed, "fold": fold,
+        "slide_id": df["slide_id"].iloc[rows].astype(str).to_numpy(),
+        "case_id": df["case_id"].iloc[rows].astype(str).to_numpy(),
+        "time": time[rows], "event": event[rows], "risk_raw": risk,
+        "risk": normalise_fold_risk(risk, fit_risk),
+    })  # fmt: skip
+
+
+def score_survival(preds: pd.DataFrame, out: Path, horizons: str | None, n_boot: int,
+                   seed: int) -> tuple[pd.DataFrame, dict]:  # fmt: skip
+    """Pooled out-of-fold slide risks → ``predictions.csv``, ``patient_predictions.csv`` (mean
+    risk per patient) and (patients, C-index / time-dependent AUC result with bootstrap CIs);
+    the AUC horizons default to the first seed's event-time quartiles."""
+    from slidefm.eval.report import write_csv
+    from slidefm.eval.survival import evaluate_survival, patient_risks
+
+    write_csv(preds, out / "predictions.csv")
+    patients = patient_risks(preds)
+    write_csv(patients, out / "patient_predictions.csv")
+    first = patients[patients["seed"] == patients["seed"].min()]
+    times = parse_horizons(horizons, first["time"].to_numpy(), first["event"].to_numpy())
+    return patients, evaluate_survival(patients, times, n_boot=n_boot, seed=seed)

@@ -209,7 +209,8 @@ def _fold_dir(out_dir: Path, cfg: MILConfig, seed: int) -> Path:
     """``out_dir/train`` for this (config, seed); one left by another config is cleared."""
     train_dir = out_dir / "train"
     marker = train_dir / "config_hash.txt"
-    chash = f"{config_hash(cfg)}-{seed}"
+    # "-sel": Trainer checkpoints that carry the ModelSelection state (older ones restart).
+    chash = f"{config_hash(cfg)}-{seed}-sel"
     if train_dir.exists() and (not marker.is_file() or marker.read_text() != chash):
         shutil.rmtree(train_dir)
     train_dir.mkdir(parents=True, exist_ok=True)
