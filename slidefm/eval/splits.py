@@ -212,4 +212,3 @@ def load_or_make_splits(
     splits = make_cv_splits(df, stratify_col, n_folds, seeds, val_fraction)
     save_splits(splits, path)
     return splits
-
