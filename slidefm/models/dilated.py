@@ -149,7 +149,9 @@ class DilatedAttention(nn.Module):
         qs, ks, vs = (segments(rearrange(x, "b h n d -> b n h d")) for x in (q, k, v))
         pads = None
         if not torchscale and (mask is not None or n_seg * w > n):
-            pad = mask if mask is not None else torch.zeros(bsz, n, dtype=torch.bool, device=q.device)
+            pad = (
+                mask if mask is not None else torch.zeros(bsz, n, dtype=torch.bool, device=q.device)
+            )
             pads = segments(pad, fill=True)  # [r, B, S, w'/r], True = pad
         out = q.new_zeros(r, bsz, n_seg, w_pad // r, heads, dh)
         lse = q.new_full(out.shape[:-1], float("-inf"), dtype=_hi(q[:0]).dtype)
