@@ -140,14 +140,14 @@ def test_single_dense_branch_is_plain_attention():
 def test_gradients_match_naive_and_are_finite(backend):
     n, heads, segs, dils = CASES[0]
     grads = {}
-    for backend in ("naive", backend):
+    for name in ("naive", backend):
         q, k, v = (x.requires_grad_() for x in rand_qkv(n, heads, seed=2))
         pad = torch.zeros(2, n, dtype=torch.bool)
         pad[0, 20:] = True
-        out = dilated(q, k, v, segs, dils, key_padding_mask=pad, backend=backend)
+        out = dilated(q, k, v, segs, dils, key_padding_mask=pad, backend=name)
         (out[~pad] ** 2).sum().backward()
-        grads[backend] = [x.grad for x in (q, k, v)]
-        assert all(torch.isfinite(g).all() for g in grads[backend])
+        grads[name] = [x.grad for x in (q, k, v)]
+        assert all(torch.isfinite(g).all() for g in grads[name])
     for a, b in zip(grads["naive"], grads[backend]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
