@@ -138,21 +138,14 @@ class DilatedAttention(nn.Module):
         w = min(w, n)
         n_seg = math.ceil(n / w)
         w_pad = math.ceil(w / r) * r
-
-        def segments(x: torch.Tensor, fill=0.0) -> torch.Tensor:  # [B, N, …] → [r, B, S, w'/r, …]
-            x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, n_seg * w - n), value=fill)
-            x = rearrange(x, "b (s w) ... -> b s w ...", w=w)
-            x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, w_pad - w), value=fill)
-            return rearrange(x, "b s (l r) ... -> r b s l ...", r=r)
-
         # Token-major [B, N, H, Dh] segments: each head group's pick below is then a view.
-        qs, ks, vs = (segments(rearrange(x, "b h n d -> b n h d")) for x in (q, k, v))
+        qs, ks, vs = (_segments(rearrange(x, "b h n d -> b n h d"), w, r) for x in (q, k, v))
         pads = None
         if not torchscale and (mask is not None or n_seg * w > n):
             pad = (
                 mask if mask is not None else torch.zeros(bsz, n, dtype=torch.bool, device=q.device)
             )
-            pads = segments(pad, fill=True)  # [r, B, S, w'/r], True = pad
+            pads = _segments(pad, w, r, fill=True)  # [r, B, S, w'/r], True = pad
         out = q.new_zeros(r, bsz, n_seg, w_pad // r, heads, dh)
         lse = q.new_full(out.shape[:-1], float("-inf"), dtype=_hi(q[:0]).dtype)
         group = math.ceil(heads / r)
@@ -176,6 +169,17 @@ class DilatedAttention(nn.Module):
             out, lse = out[:, :, :, :w], lse[:, :, :, :w]
         out = rearrange(out, "b h s w d -> b h (s w) d")[:, :, :n]
         return out, rearrange(lse, "b h s w -> b h (s w)")[:, :, :n]
+
+
+def _segments(x: torch.Tensor, w: int, r: int, fill: float | bool = 0.0) -> torch.Tensor:
+    """[B, N, …] → [r, B, S, ceil(w/r), …]: x cut into S = ceil(N/w) segments of w tokens, each
+    padded to ceil(w/r)·r with ``fill``; index [j, :, :, l] = segment offset l·r + j."""
+    n = x.shape[1]
+    n_seg = math.ceil(n / w)
+    x = F.pad(x, (0, 0) * (x.dim() - 2) + (0, n_seg * w - n), value=fill)
+    x = rearrange(x, "b (s w) ... -> b s w ...", w=w)
+    x = F.pad(x, (0, 0) * (x.dim() - 3) + (0, math.ceil(w / r) * r - w), value=fill)
+    return rearrange(x, "b s (l r) ... -> r b s l ...", r=r)
 
 
 def _finite_or_zero(x: torch.Tensor) -> torch.Tensor:
