@@ -350,14 +350,14 @@ def lse_blockwise(q: torch.Tensor, k: torch.Tensor, key_padding_mask: Mask = Non
 # ---------------------------------------------------------------------------------- the module
 
 
-class FullAttention(nn.Module):
-    """Every token attends every token (TITAN's 2D-ALiBi transformer). No parameters: the
-    q/k/v projections stay in the block, so state-dict keys do not depend on the backend."""
+class AttentionModule(nn.Module):
+    """What ``FullAttention`` and ``DilatedAttention`` share: one forward signature and layout.
+    No parameters: the q/k/v projections stay in the block, so state-dict keys do not depend
+    on the variant or the backend."""
 
-    def __init__(self, backend: str = "sdpa", block_size: int = 1024):
+    def __init__(self, backend: str = "sdpa"):
         super().__init__()
         self.backend = get_backend(backend)
-        self.block_size = block_size  # query rows per bias block (blockwise backends)
 
     def forward(
         self,
@@ -368,9 +368,22 @@ class FullAttention(nn.Module):
         key_padding_mask: Mask = None,
     ) -> torch.Tensor:
         """q, k, v [B, H, T, Dh]; bias over the T tokens (None = no bias); key_padding_mask
-        [B, T] bool, True = pad. Returns [B, H, T, Dh]."""
+        [B, T] bool, True = padded token (never attended). Returns [B, H, T, Dh]."""
         self.backend.check(q.device, _needs_grad(q, k, v))
-        bias = NO_BIAS if bias is None else bias
+        return self.attend(q, k, v, NO_BIAS if bias is None else bias, key_padding_mask)
+
+    def attend(self, q, k, v, bias: AttentionBias, key_padding_mask: Mask) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class FullAttention(AttentionModule):
+    """Every token attends every token (TITAN's 2D-ALiBi transformer)."""
+
+    def __init__(self, backend: str = "sdpa", block_size: int = 1024):
+        super().__init__(backend)
+        self.block_size = block_size  # query rows per bias block (blockwise backends)
+
+    def attend(self, q, k, v, bias, key_padding_mask):
         return self.backend.attend(q, k, v, bias, key_padding_mask, self.block_size)
 
     def extra_repr(self) -> str:

@@ -39,15 +39,13 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from torch import nn
 
-from slidefm.models.attention import Mask, _hi, _needs_grad, get_backend
-from slidefm.models.bias import AttentionBias
+from slidefm.models.attention import AttentionModule, Mask, _hi
 
 PADDING_MODES = ("masked", "torchscale")
 
 
-class DilatedAttention(nn.Module):
+class DilatedAttention(AttentionModule):
     """LongNet attention over branches (segment length w, dilation r); see the module docstring.
 
     No parameters (projections stay in the block). ``backend`` runs each segment's attention
@@ -62,7 +60,7 @@ class DilatedAttention(nn.Module):
         backend: str = "sdpa",
         padding: str = "masked",
     ):
-        super().__init__()
+        super().__init__(backend)
         if padding not in PADDING_MODES:
             raise ValueError(f"padding {padding!r}; choose one of {PADDING_MODES}")
         if len(segment_lengths) != len(dilation_ratios) or not segment_lengths:
@@ -73,23 +71,15 @@ class DilatedAttention(nn.Module):
         if any(w < 1 for w in segment_lengths) or any(r < 1 for r in dilation_ratios):
             raise ValueError("segment lengths and dilation ratios must be ≥ 1")
         self.branches = [(int(w), int(r)) for w, r in zip(segment_lengths, dilation_ratios)]
-        self.backend = get_backend(backend)
         self.padding = padding
 
     def extra_repr(self) -> str:
         return f"branches={self.branches}, backend={self.backend.name}, padding={self.padding}"
 
-    def forward(
-        self,
-        q: torch.Tensor,
-        k: torch.Tensor,
-        v: torch.Tensor,
-        bias: AttentionBias | None = None,
-        key_padding_mask: Mask = None,
-    ) -> torch.Tensor:
-        """q, k, v [B, H, N, Dh] → [B, H, N, Dh]; key_padding_mask [B, N] bool, True = padded
-        token (never attended). LongNet has no position bias: ``bias`` must be None/no bias."""
-        if bias is not None and not bias.zero:
+    def attend(self, q, k, v, bias, key_padding_mask):
+        """LongNet has no position bias (``bias`` must be the zero bias); padded tokens are
+        never attended (``masked``) or rejected (``torchscale``)."""
+        if not bias.zero:
             raise ValueError(
                 f"dilated attention takes no position bias (got {bias.name!r}); add positions "
                 "to the tokens instead (sincos2d, as Prov-GigaPath)"
@@ -101,7 +91,6 @@ class DilatedAttention(nn.Module):
                 "padding='torchscale' attends padding as zero keys (as torchscale does); embed "
                 "slides one at a time instead of passing a key_padding_mask"
             )
-        self.backend.check(q.device, _needs_grad(q, k, v))
         acc = norm = run_max = None
         for w, r in self.branches:
             out_b, lse_b = self._branch(q, k, v, w, r, key_padding_mask)
