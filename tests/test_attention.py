@@ -8,6 +8,7 @@ compiled backends (FlexAttention: ~10-30 s per compile on CPU) are marked slow.
 """
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -103,9 +104,8 @@ def test_backend_equals_naive(backend, n_tiles, n_prefix, block, bias):
     q, k, v, grid, pad = inputs(3, 4, n_tiles, n_prefix, seed=n_tiles)
     b = make_bias(bias, grid, 4, n_prefix)
     if why := unavailable(backend):
-        with pytest.raises((ValueError, ImportError), match="CUDA only|needs xformers"):
+        with pytest.raises((ValueError, ImportError), match=re.escape(why)):
             attend(backend, q, k, v, b, pad)
-        assert why
         return
     with torch.no_grad():
         got = attend(backend, q, k, v, b, pad, block_size=block)
@@ -118,8 +118,8 @@ def test_gradients_equal_naive_float64(backend):
     q, k, v, grid, pad = inputs(2, 4, 90, 2, dtype=torch.float64)
     bias = Alibi2DBias.from_grid(grid, 4, 2)
     leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    if unavailable(backend, needs_grad=True):
-        with pytest.raises((ValueError, ImportError), match="CUDA only|inference only|xformers"):
+    if why := unavailable(backend, needs_grad=True):
+        with pytest.raises((ValueError, ImportError), match=re.escape(why)):
             attend(backend, *leaves, bias, pad, block_size=16)
         return
     grads = []

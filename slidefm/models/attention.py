@@ -239,6 +239,13 @@ class FlexBackend(AttentionBackend):
     compiled = True
 
     def check(self, device=None, needs_grad=False):
+        try:
+            import torch.nn.attention.flex_attention  # noqa: F401
+        except ImportError as e:
+            raise ValueError(
+                f"attention backend 'flex' needs FlexAttention (torch ≥ 2.5; this is "
+                f"{torch.__version__}); use backend 'sdpa'"
+            ) from e
         if needs_grad and device is not None and torch.device(device).type == "cpu":
             raise ValueError(
                 "attention backend 'flex' on CPU supports inference only (torch.compile's CPU "
