@@ -204,10 +204,12 @@ def _args(hint: Any) -> tuple[Any, ...]:
 
 
 def _dataclass_of(hint: Any) -> type | None:
-    """The dataclass a field holds (``X`` or ``X | None``), else None."""
-    for a in _args(hint):
-        if isinstance(a, type) and dataclasses.is_dataclass(a):
-            return a
+    """The dataclass a field holds (``X`` or ``X | None``), else None. A union of several
+    types (``ABMILHead | TransMILHead | dict``) is left to the class, which knows which
+    one a mapping means."""
+    alts = [a for a in _args(hint) if a is not type(None)]
+    if len(alts) == 1 and isinstance(alts[0], type) and dataclasses.is_dataclass(alts[0]):
+        return alts[0]
     return None
 
 

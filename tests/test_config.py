@@ -223,3 +223,19 @@ def test_encode_hash_of_typed_tissue_is_the_mapping_hash_it_always_was():
     cfg = from_dict(EncodeConfig, {"tissue": tissue, "target_mpp": 1.0})
     old = {k: getattr(cfg, k) for k in OUTPUT_FIELDS} | {"tissue": tissue, "seed": 3, **rt}
     assert slide_hash(cfg, SlideJob("a", "a.svs"), 3, rt) == config_hash(old)
+
+
+@dataclasses.dataclass(frozen=True)
+class Other:
+    width: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Either:
+    head: Inner | Other | dict = dataclasses.field(default_factory=dict)
+
+
+def test_a_union_of_sections_is_left_to_the_class():
+    """Only ``X`` / ``X | None`` is built as a section: which member of a union a mapping
+    means is the class's to decide (e.g. MIL head options chosen by the model name)."""
+    assert from_dict(Either, {"head": {"width": 2}}).head == {"width": 2}
