@@ -35,6 +35,7 @@ class Bags:
     attrs: dict[str, Any]
     cached: list[tuple[np.ndarray, np.ndarray]] | None = None
     embeddings: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    cached_positions: list[tuple[np.ndarray, float]] | None = None
 
     @property
     def slide_ids(self) -> list[str]:
@@ -45,6 +46,18 @@ class Bags:
             return self.cached[j]
         sf = read_features(self.paths[j])
         return sf.features.astype(np.float32, copy=False), sf.grid.astype(np.int64)
+
+    def positions(self, j: int) -> tuple[np.ndarray, float]:
+        """(coords (N_j, 2) int64 level-0 px of each tile's top-left corner, patch side in
+        level-0 px) of slide ``j``: what published encoders (absolute positions) read."""
+        if self.cached_positions is not None:
+            return self.cached_positions[j]
+        return slide_positions(read_features(self.paths[j]))
+
+
+def slide_positions(sf: SlideFeatures) -> tuple[np.ndarray, float]:
+    """(level-0 coords (N, 2) int64, patch_size_level0) of a slide's tiles."""
+    return np.asarray(sf.coords, dtype=np.int64), float(sf.attrs.get("patch_size_level0") or 0)
 
 
 def load_bags(paths: Sequence[Path], progress: bool = True, cache_gb: float = 8.0) -> Bags:
@@ -58,7 +71,10 @@ def load_bags(paths: Sequence[Path], progress: bool = True, cache_gb: float = 8.
     bags = Bags(list(paths), shapes[0][1], attrs)
     if sum(n * d for n, d in shapes) * 4 / 2**30 <= cache_gb:
         bar = tqdm(range(len(paths)), desc="reading features", unit="slide", disable=not progress)
-        bags.cached = [bags.get(j) for j in bar]
+        slides = [read_features(p) for p in (paths[j] for j in bar)]
+        bags.cached = [(sf.features.astype(np.float32, copy=False), sf.grid.astype(np.int64))
+                       for sf in slides]  # fmt: skip
+        bags.cached_positions = [slide_positions(sf) for sf in slides]
     else:
         log.info("features exceed %.1f GB: reading them from disk at each access", cache_gb)
     return bags
@@ -238,6 +254,11 @@ class FeatureBagDataset(Dataset):
                 self._cache[index] = sf
         return sf
 
+    def _positions(self, index: int) -> tuple[np.ndarray, float]:
+        if self.store is not None:
+            return self.store.positions(int(self.rows[index]))
+        return slide_positions(self.slide(index))
+
     def _arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """(features (N, D), grid (N, 2) int64) of item ``index``, whole and unaugmented."""
         if self.store is not None:
@@ -257,10 +278,13 @@ class FeatureBagDataset(Dataset):
             feats = feature_dropout(feats, self.dropout, rng)
         elif len(grid) and self.center_grid:
             grid = grid - grid.min(axis=0, keepdims=True)
+        coords, patch_level0 = self._positions(index)
         item = {
             "slide_id": self.slide_ids[index],
             "features": torch.from_numpy(np.ascontiguousarray(feats)),
             "grid": torch.from_numpy(np.ascontiguousarray(grid)),
+            "coords": torch.from_numpy(np.ascontiguousarray(coords[idx])),
+            "patch_size_level0": patch_level0,
         }
         if self.labels is not None:
             label = self.labels[index]
@@ -282,7 +306,8 @@ def bag_rows(
 
 def collate_bags(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Pad bags to the longest: features [B, Nmax, D] (0 on padding), grid [B, Nmax, 2] long,
-    padding_mask [B, Nmax] bool (True = pad), slide_id list, label tensor when items have one.
+    padding_mask [B, Nmax] bool (True = pad), slide_id list, label tensor when items have one;
+    coords [B, Nmax, 2] long (level-0 px) and patch_size_level0 [B] float64 when items have them.
     """
     b = len(items)
     nmax = max(int(it["features"].shape[0]) for it in items)
@@ -301,6 +326,13 @@ def collate_bags(items: list[dict[str, Any]]) -> dict[str, Any]:
         "padding_mask": pad,
         "slide_id": [it["slide_id"] for it in items],
     }
+    if "coords" in items[0]:
+        coords = torch.zeros(b, nmax, 2, dtype=torch.long)
+        for i, it in enumerate(items):
+            coords[i, : len(it["coords"])] = it["coords"]
+        out["coords"] = coords
+        sizes = [float(it["patch_size_level0"]) for it in items]
+        out["patch_size_level0"] = torch.tensor(sizes, dtype=torch.float64)
     if "label" in items[0]:
         out["label"] = torch.as_tensor([it["label"] for it in items])
     return out
