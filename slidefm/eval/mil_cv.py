@@ -290,3 +290,22 @@ def train_mil_survival(run: MILRun, cfg: MILConfig) -> tuple[dict[str, Any], dic
     )  # fmt: skip
     write_survival_report(out, patients, result, meta, time_label=run.time)
     return result, meta
+
+
+def report_lines(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """What ``mil train`` prints: a headline, the metric summary with CIs, per-seed log-rank
+    p (survival) and the provenance notes."""
+    from slidefm.eval.report import format_summary
+
+    folds = f"{result['n_seeds']} seed(s) × {result['n_folds']} fold(s)"
+    n = result["n_slides_or_patients"]
+    if meta.get("survival_loss"):
+        lines = [f"{meta['model']} survival ({meta['survival_loss']}) on {meta['time']}/"
+                 f"{meta['event']}: {folds}, {n} patients, {result['n_events']} events"]  # fmt: skip
+    else:
+        level, labels = meta["level"], "+".join(meta["task"]["labels"])
+        lines = [f"{meta['model']} on {labels} ({level} level, {folds}, {n} {level}s):"]
+    lines.append(format_summary(result))
+    for s in result["per_seed"] if meta.get("survival_loss") else []:
+        lines.append(f"  seed {s['seed']}: median-split log-rank p = {s['logrank_p']:.3g}")
+    return lines + [f"NOTE: {note}" for note in meta["notes"]]

@@ -39,9 +39,8 @@ def config_from_args(args: argparse.Namespace) -> MILConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from slidefm.eval.mil_cv import MILRun, train_mil, train_mil_survival
+    from slidefm.eval.mil_cv import MILRun, report_lines, train_mil, train_mil_survival
     from slidefm.eval.protocol import parse_labels, parse_list, parse_seeds
-    from slidefm.eval.report import format_summary
 
     survival = args.task == "survival"
     if not survival and not args.label:
@@ -53,19 +52,7 @@ def run_train(args: argparse.Namespace) -> int:
                  args.overwrite, not args.no_progress, args.seed,
                  args.time if survival else None, args.event, args.horizons)  # fmt: skip
     result, meta = (train_mil_survival if survival else train_mil)(run, cfg)
-    folds = f"{result['n_seeds']} seed(s) × {result['n_folds']} fold(s)"
-    if survival:
-        print(f"{cfg.model} survival ({cfg.survival_loss}) on {args.time}/{args.event}: {folds}, "
-              f"{result['n_slides_or_patients']} patients, {result['n_events']} events")  # fmt: skip
-    else:
-        level = meta["level"]
-        print(f"{cfg.model} on {'+'.join(run.labels)} ({level} level, {folds}, "
-              f"{result['n_slides_or_patients']} {level}s):")  # fmt: skip
-    print(format_summary(result))
-    for s in result["per_seed"] if survival else []:
-        print(f"  seed {s['seed']}: median-split log-rank p = {s['logrank_p']:.3g}")
-    for n in meta["notes"]:
-        print(f"NOTE: {n}")
+    print("\n".join(report_lines(result, meta)))
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
 
