@@ -205,7 +205,7 @@ def test_report_column_defaults_to_text_then_report(tmp_path):
     ``text`` wins when both exist; neither is one clear error naming the columns."""
     import pandas as pd
 
-    from slidefm.pipelines.tokenizer import read_report_texts
+    from slidefm.io.reports import read_report_texts
 
     only_report, both, neither = (tmp_path / f"{n}.csv" for n in ("r", "b", "n"))
     pd.DataFrame({"case_id": ["a", "b"], "report": ["Adenocarcinoma.", " "]}).to_csv(only_report)

@@ -46,7 +46,7 @@ class AlignModelConfig:
     text_proj: str = "auto"  # auto (identity when dims match) | linear
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
-    text: dict = dataclasses.field(default_factory=dict)  # TextTowerConfig fields
+    text: TextTowerConfig = dataclasses.field(default_factory=TextTowerConfig)
 
     def __post_init__(self) -> None:
         if self.slide_proj not in ("linear", "mlp"):
@@ -57,6 +57,10 @@ class AlignModelConfig:
             )
         if self.text_proj not in ("auto", "linear"):
             raise ValueError(f"text_proj must be auto or linear, not {self.text_proj!r}")
+        if isinstance(self.text, dict):  # a checkpoint's (or a caller's) mapping
+            from slidefm.config import from_dict
+
+            object.__setattr__(self, "text", from_dict(TextTowerConfig, self.text, "model.text"))
 
 
 def clip_loss(
