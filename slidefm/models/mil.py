@@ -329,9 +329,12 @@ class SlideEncoderMIL(nn.Module):
         grid: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         embedding: torch.Tensor | None = None,
+        **positions: Any,
     ) -> dict[str, torch.Tensor]:
         """``embedding`` [B, E]: the frozen encoder's output computed beforehand (training a
-        frozen encoder's head needs each slide's embedding once, not once per epoch)."""
+        frozen encoder's head needs each slide's embedding once, not once per epoch).
+        ``positions``: ``coords`` [B, N, 2] level-0 px and ``patch_size_level0`` [B], for
+        published encoders (``needs_coords``)."""
         if embedding is not None:
             return {
                 "logits": self.head(self.embedding_norm(embedding.float())),
@@ -342,10 +345,14 @@ class SlideEncoderMIL(nn.Module):
         pad = _mask(features, padding_mask)
         if self.freeze:
             with torch.no_grad():
-                z = self.encoder(features, grid, pad)
+                z = self.encoder(features, grid, pad, **positions)
         else:
-            z = self.encoder(features, grid, pad)
+            z = self.encoder(features, grid, pad, **positions)
         return {"logits": self.head(self.embedding_norm(z.float())), "embedding": z}
+
+    @property
+    def needs_coords(self) -> bool:
+        return bool(getattr(self.encoder, "needs_coords", False))
 
 
 ZScore = Standardize  # the MIL name of the one standardisation module (``models.standardize``)
@@ -560,9 +567,12 @@ def build_slide_encoder(
     path (``NAME@sha256:…`` for registry weights) or ``"random"``. The grammar is
     ``models.registry.slide_encoder_from_spec``'s (a bare config name still means random, with
     a DEPRECATED warning)."""
-    from slidefm.models.registry import slide_encoder_from_spec
+    from slidefm.models.published.bag import PublishedBagEncoder
+    from slidefm.models.registry import is_published, slide_encoder_from_spec
 
     enc, info = slide_encoder_from_spec(spec, weights, input_dim=in_dim)
+    if is_published(enc):  # Prov-GigaPath / TITAN / CHIEF: per-slide, level-0 coords
+        enc = PublishedBagEncoder(enc)
     if info["slide_encoder_weights"] == "random":
         return enc, "random"
     if Path(info["slide_encoder"]).is_file():
@@ -572,17 +582,24 @@ def build_slide_encoder(
 
 def slide_encoder_from_config_dict(config: dict[str, Any]) -> nn.Module:
     """The architecture recorded in a MIL checkpoint (weights come from its state_dict)."""
+    if "published" in config:
+        from slidefm.models.published.bag import bag_encoder_from_record
+
+        return bag_encoder_from_record(config)
     from slidefm.config import from_dict
     from slidefm.models.slide_encoder import SlideEncoder, SlideEncoderConfig
 
     return SlideEncoder(from_dict(SlideEncoderConfig, config))
 
 
-def slide_encoder_weights(spec: str) -> str:
-    """What ``build_slide_encoder(spec)`` loads: the checkpoint's absolute path, or ``"random"``."""
+def slide_encoder_weights(spec: str, weights: str | None = None) -> str:
+    """What ``build_slide_encoder(spec, weights=weights)`` loads: the checkpoint's absolute
+    path, ``weights`` given with a registry name (``hub`` / a path), or ``"random"``."""
     p = Path(spec)
     if p.is_file() and p.suffix in (".pt", ".pth", ".ckpt", ".safetensors"):
         return str(p.resolve())
+    if weights and weights != "random":
+        return weights if weights == "hub" else str(Path(weights).expanduser().resolve())
     return "random"
 
 

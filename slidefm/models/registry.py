@@ -314,6 +314,7 @@ def create_slide_encoder(name: str, weights: WeightsArg = "random", **arch: Any)
         weights_id = f"{path.name}@sha256:{_file_sha256(path)}" if path.is_file() else str(path)
     model.weights_id = weights_id
     model.registry_entry = entry
+    model.arch_overrides = dict(arch)
     return model.eval()
 
 

@@ -23,7 +23,12 @@ if TYPE_CHECKING:
 
 # Flags that set a MILConfig field (beaten by --set, see slidefm.config.apply_flags).
 FLAG_TO_FIELD = {"model": str, "epochs": int, "lr": float, "batch_size": int, "max_tiles": int,
-                 "balance": str, "slide_encoder": str, "device": str}  # fmt: skip
+                 "balance": str, "slide_encoder": str, "slide_encoder_weights": str,
+                 "device": str}  # fmt: skip
+FLAG_HELP = {"slide_encoder": "a `slidefm pretrain` checkpoint, or a registry name "
+             "(`slidefm slide-encoders list`: gigapath, titan, chief, a slidefm config)",
+             "slide_encoder_weights": "with a registry name: random | hub | PATH (the published "
+             "file or snapshot folder)"}  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> MILConfig:
@@ -110,7 +115,7 @@ def _train_parser(t: argparse.ArgumentParser) -> None:
     add_slide_level_only(t)
     for name, typ in FLAG_TO_FIELD.items():
         if name != "model":
-            a(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=f"config {name}")  # fmt: skip
+            a(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=FLAG_HELP.get(name, f"config {name}"))  # fmt: skip
     a("--finetune", action="store_true", help="slide_encoder: fine-tune the encoder too")
     a("--no-progress", action="store_true")
     add_overwrite(t)
