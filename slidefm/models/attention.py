@@ -278,9 +278,9 @@ class FlexBackend(AttentionBackend):
                 torch._dynamo.mark_static(t, 1)
         score_mod = _with_key_padding(bias.score_mod, pad)
         if return_lse and not cpu:
-            out, lse = _compiled_flex()(q, k, v, score_mod=score_mod, return_lse=True)
+            out, lse = _compiled_flex(False)(q, k, v, score_mod=score_mod, return_lse=True)
             return out, lse.float()
-        return _compiled_flex()(q, k, v, score_mod=score_mod)[:, :, :total], None
+        return _compiled_flex(cpu)(q, k, v, score_mod=score_mod)[:, :, :total], None
 
 
 def _with_key_padding(score_mod, pad: Mask):
@@ -318,10 +318,13 @@ def _xformers_ops():
 
 
 @functools.cache
-def _compiled_flex():
+def _compiled_flex(static: bool):
+    """Compiled FlexAttention; ``static`` (CPU): never symbolic shapes, whatever dynamo saw
+    before in this process (a recompile otherwise turns sizes and ints dynamic, which hits the
+    CPU codegen bug of ``_cpu_flex_length``; lengths are bucketed there)."""
     from torch.nn.attention.flex_attention import flex_attention
 
-    return torch.compile(flex_attention)
+    return torch.compile(flex_attention, dynamic=False if static else None)
 
 
 BACKENDS: dict[str, type[AttentionBackend]] = {
