@@ -35,8 +35,45 @@ from slidefm.pipelines.tile_probes import run_probe_tiles
 from slidefm.pipelines.tile_ssl import WEIGHTS_FILE
 from slidefm.wsi.synthetic import generate_cohort
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mil_biomarker import step, summarise  # noqa: E402  (the MIL example's steps, reused)
+
 ENCODER = "vit_tiny_dev"
 REPO = Path(__file__).resolve().parent.parent
+
+
+def encode(jobs: list[SlideJob], weights: str, feat_dir: Path, seed: int) -> None:
+    """``encode-slides`` of ``jobs`` with vit_tiny_dev at ``weights`` (resumable)."""
+    cfg = EncodeConfig(encoder=ENCODER, weights=weights, batch_size=64, num_workers=0, qc=False)
+    res = run_encode(jobs, cfg, feat_dir, seed=seed, progress=False)
+    failed = [r for r in res if r.status == "failed"]
+    if failed:
+        raise RuntimeError(f"encode-slides failed on {failed[0].slide_id}: {failed[0].error}")
+
+
+def run_mil(a: argparse.Namespace, manifest: Path, seeds: list[int]) -> dict:
+    """``mil train`` (biomarker_bag, ABMIL) on every slide with each encoder's features; MIL
+    seed = the encoder's seed, so the SSL and random runs of a seed share folds and init.
+    → {kind: {"per_seed": {seed: summarise(...)}, "auroc": mean ± sd over seeds}}."""
+    out: dict[str, dict] = {}
+    for kind in ("random", "ssl"):
+        per_seed = {}
+        for seed in seeds:
+            run_dir = a.out / "mil" / f"{kind}_seed{seed}"
+            step(["mil", "train", "--manifest", str(manifest), "--features",
+                  str(a.out / "features" / f"{kind}_seed{seed}"), "--label", "biomarker_bag",
+                  "--model", "abmil", "--folds", str(a.mil_folds), "--seeds", str(seed),
+                  "--epochs", str(a.mil_epochs), "--out", str(run_dir), "--no-progress"])  # fmt: skip
+            per_seed[seed] = summarise(run_dir)
+        auc = np.array([r["auroc"][0] for r in per_seed.values()])
+        out[kind] = {
+            "per_seed": per_seed,
+            "auroc_mean_sd_over_seeds": [
+                round(float(auc.mean()), 3),
+                round(float(auc.std(ddof=1)) if len(auc) > 1 else 0.0, 3),
+            ],
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -48,6 +85,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", default="synthetic_cpu")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--parallel", type=int, default=1, help="SSL runs at a time")
+    ap.add_argument(
+        "--mil",
+        action="store_true",
+        help="downstream: also encode the train slides and run `mil train` (biomarker_bag, "
+        "abmil) on every slide with each encoder's features, same folds and seeds",
+    )
+    ap.add_argument("--mil-folds", type=int, default=5)
+    ap.add_argument("--mil-epochs", type=int, default=20)
     ap.add_argument("--quick", action="store_true", help="tiny cohort, a few steps: runs only")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -118,16 +163,8 @@ def main(argv: list[str] | None = None) -> dict:
             "train_minutes": round(final.get("time_s", float("nan")) / 60, 2),
         }
         for kind, weights in (("ssl", str(run_dir / WEIGHTS_FILE)), ("random", "random")):
-            cfg = EncodeConfig(
-                encoder=ENCODER, weights=weights, batch_size=64, num_workers=0, qc=False
-            )
             feat_dir = a.out / "features" / f"{kind}_seed{seed}"
-            res = run_encode(held_out, cfg, feat_dir, seed=seed, progress=False)
-            failed = [r for r in res if r.status == "failed"]
-            if failed:
-                raise RuntimeError(
-                    f"encode-slides failed on {failed[0].slide_id}: {failed[0].error}"
-                )
+            encode(held_out, weights, feat_dir, seed)
             features[f"{kind}_seed{seed}"] = str(feat_dir)
     table = run_probe_tiles(
         features, cells, str(cohort / "manifest.csv"), a.out / "probe", seeds=split_seeds
@@ -142,6 +179,15 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for kind in ("random", "ssl")
     }
+    if a.mil:  # the feature folders grow to every slide; the probes above read val/test only
+        all_jobs = [j for js in jobs.values() for j in js]
+        for seed in seeds:
+            for kind, weights in (
+                ("ssl", str(run_dirs[seed] / WEIGHTS_FILE)),
+                ("random", "random"),
+            ):
+                encode(all_jobs, weights, a.out / "features" / f"{kind}_seed{seed}", seed)
+        mil = run_mil(a, cohort / "manifest.csv", seeds)
     result = {
         "encoder": ENCODER,
         "weights_note": "baseline = RANDOM weights (same init as each SSL run's step 0)",
@@ -156,6 +202,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ssl_runs": runs,
         "quick": a.quick,
     }
+    if a.mil:
+        result["mil_biomarker_bag_abmil"] = mil
     (a.out / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return result
