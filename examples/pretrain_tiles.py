@@ -76,6 +76,27 @@ def run_mil(a: argparse.Namespace, manifest: Path, seeds: list[int]) -> dict:
     return out
 
 
+def run_zero_shot_pair(a: argparse.Namespace, ssl_weights: Path, seed: int) -> dict:
+    """examples/zero_shot.py on one cohort (its own, ``--zs-slides`` slides, seed ``seed``) with
+    the SSL tile weights and with random tile weights (init seed ``seed``); everything after the
+    tile encoder (slide-encoder pretraining, alignment, prompts, test patients) is identical.
+    → {kind: balanced accuracy / weighted F1 / macro AUROC with patient-bootstrap 95% CIs}."""
+    out = {}
+    for kind, weights in (("random", "random"), ("ssl", str(ssl_weights))):
+        zs_out = a.out / "zero_shot" / f"{kind}_seed{seed}"
+        cmd = [sys.executable, str(REPO / "examples" / "zero_shot.py"), "--out", str(zs_out),
+               "--n-slides", str(a.zs_slides), "--seed", str(seed), "--tile-weights", weights,
+               "--no-ablation", "--workers", "1"] + (["--quick"] if a.quick else [])  # fmt: skip
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        res = json.loads((zs_out / "zero_shot" / "summary.json").read_text())["pretrained"]
+        out[kind] = {
+            k: {q: round(res[k][q], 3) for q in ("value", "lo", "hi")}
+            for k in ("balanced_accuracy", "f1_weighted", "auroc_macro")
+            if k in res
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, required=True)
@@ -93,6 +114,13 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--mil-folds", type=int, default=5)
     ap.add_argument("--mil-epochs", type=int, default=20)
+    ap.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="downstream: examples/zero_shot.py (slide-encoder pretraining, alignment, zero-shot "
+        "subtyping of its test patients) with seed 0's SSL weights and with random weights",
+    )
+    ap.add_argument("--zs-slides", type=int, default=300, help="zero-shot cohort size")
     ap.add_argument("--quick", action="store_true", help="tiny cohort, a few steps: runs only")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -161,6 +189,7 @@ def main(argv: list[str] | None = None) -> dict:
                 k: final[k] for k in final if k in ("rankme", "odcorr") or k.startswith("knn")
             },
             "train_minutes": round(final.get("time_s", float("nan")) / 60, 2),
+            "cpu_minutes": info.get("cpu_minutes"),
         }
         for kind, weights in (("ssl", str(run_dir / WEIGHTS_FILE)), ("random", "random")):
             feat_dir = a.out / "features" / f"{kind}_seed{seed}"
@@ -188,6 +217,8 @@ def main(argv: list[str] | None = None) -> dict:
             ):
                 encode(all_jobs, weights, a.out / "features" / f"{kind}_seed{seed}", seed)
         mil = run_mil(a, cohort / "manifest.csv", seeds)
+    if a.zero_shot:
+        zs = run_zero_shot_pair(a, run_dirs[seeds[0]] / WEIGHTS_FILE, seeds[0])
     result = {
         "encoder": ENCODER,
         "weights_note": "baseline = RANDOM weights (same init as each SSL run's step 0)",
@@ -204,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if a.mil:
         result["mil_biomarker_bag_abmil"] = mil
+    if a.zero_shot:
+        result["zero_shot_subtype"] = zs
     (a.out / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return result
