@@ -7,12 +7,19 @@ synthetic tissue types better than random weights?
 3. ``encode-slides`` of the held-out (val + test) patients' slides with the trained teacher
    and with the same architecture at random weights (seeded like the run's start point);
 4. ``probe-tiles``: linear, kNN-20 and 1/5/10-shot prototype probes of tile type on held-out
-   patients, the same patient splits for every encoder.
+   patients, the same patient splits for every encoder;
+5. optionally the downstream effect, SSL vs random tile weights with the same seeds: ``--mil``
+   (``mil train`` on every slide of this cohort: biomarker_bag, ABMIL, patient-grouped 5-fold
+   CV, via examples/mil_biomarker.py's steps) and ``--zero-shot`` (examples/zero_shot.py on its
+   own cohort with ``--tile-weights``: slide-encoder pretraining, alignment and prompt-only
+   subtyping of its test patients, seed 0's SSL weights vs random weights).
 
 Prints JSON (also ``OUT/results.json``): balanced accuracy mean ± sd over (seed × split),
-RankMe / ODCorr of the teacher at step 0 and at the end of every run. CPU only.
+RankMe / ODCorr of the teacher at step 0 and at the end of every run, each run's wall and CPU
+minutes, and the downstream AUROC / balanced accuracy with patient-bootstrap 95% CIs. CPU only.
+Measured figures and the command: README, "Tile-encoder SSL".
 
-    python examples/pretrain_tiles.py --out outputs/tile_ssl            # ~30-40 min, 2 cores
+    python examples/pretrain_tiles.py --out outputs/tile_ssl --parallel 3 --mil
     python examples/pretrain_tiles.py --out outputs/tile_ssl_q --quick   # smoke test
 """
 
