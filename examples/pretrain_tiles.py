@@ -7,12 +7,19 @@ synthetic tissue types better than random weights?
 3. ``encode-slides`` of the held-out (val + test) patients' slides with the trained teacher
    and with the same architecture at random weights (seeded like the run's start point);
 4. ``probe-tiles``: linear, kNN-20 and 1/5/10-shot prototype probes of tile type on held-out
-   patients, the same patient splits for every encoder.
+   patients, the same patient splits for every encoder;
+5. optionally the downstream effect, SSL vs random tile weights with the same seeds: ``--mil``
+   (``mil train`` on every slide of this cohort: biomarker_bag, ABMIL, patient-grouped 5-fold
+   CV, via examples/mil_biomarker.py's steps) and ``--zero-shot`` (examples/zero_shot.py on its
+   own cohort with ``--tile-weights``: slide-encoder pretraining, alignment and prompt-only
+   subtyping of its test patients, seed 0's SSL weights vs random weights).
 
 Prints JSON (also ``OUT/results.json``): balanced accuracy mean ± sd over (seed × split),
-RankMe / ODCorr of the teacher at step 0 and at the end of every run. CPU only.
+RankMe / ODCorr of the teacher at step 0 and at the end of every run, each run's wall and CPU
+minutes, and the downstream AUROC / balanced accuracy with patient-bootstrap 95% CIs. CPU only.
+Measured figures and the command: README, "Tile-encoder SSL".
 
-    python examples/pretrain_tiles.py --out outputs/tile_ssl            # ~30-40 min, 2 cores
+    python examples/pretrain_tiles.py --out outputs/tile_ssl --parallel 3 --mil
     python examples/pretrain_tiles.py --out outputs/tile_ssl_q --quick   # smoke test
 """
 
@@ -37,8 +44,66 @@ from slidefm.train.tile_ssl import WEIGHTS_FILE
 from slidefm.wsi.jobs import SlideJob
 from slidefm.wsi.synthetic import generate_cohort
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from mil_biomarker import step, summarise  # noqa: E402  (the MIL example's steps, reused)
+
 ENCODER = "vit_tiny_dev"
 REPO = Path(__file__).resolve().parent.parent
+
+
+def encode(jobs: list[SlideJob], weights: str, feat_dir: Path, seed: int) -> None:
+    """``encode-slides`` of ``jobs`` with vit_tiny_dev at ``weights`` (resumable)."""
+    cfg = EncodeConfig(encoder=ENCODER, weights=weights, batch_size=64, num_workers=0, qc=False)
+    res = run_encode(jobs, cfg, feat_dir, seed=seed, progress=False)
+    failed = [r for r in res if r.status == "failed"]
+    if failed:
+        raise RuntimeError(f"encode-slides failed on {failed[0].slide_id}: {failed[0].error}")
+
+
+def run_mil(a: argparse.Namespace, manifest: Path, seeds: list[int]) -> dict:
+    """``mil train`` (biomarker_bag, ABMIL) on every slide with each encoder's features; MIL
+    seed = the encoder's seed, so the SSL and random runs of a seed share folds and init.
+    → {kind: {"per_seed": {seed: summarise(...)}, "auroc": mean ± sd over seeds}}."""
+    out: dict[str, dict] = {}
+    for kind in ("random", "ssl"):
+        per_seed = {}
+        for seed in seeds:
+            run_dir = a.out / "mil" / f"{kind}_seed{seed}"
+            step(["mil", "train", "--manifest", str(manifest), "--features",
+                  str(a.out / "features" / f"{kind}_seed{seed}"), "--label", "biomarker_bag",
+                  "--model", "abmil", "--folds", str(a.mil_folds), "--seeds", str(seed),
+                  "--epochs", str(a.mil_epochs), "--out", str(run_dir), "--no-progress"])  # fmt: skip
+            per_seed[seed] = summarise(run_dir)
+        auc = np.array([r["auroc"][0] for r in per_seed.values()])
+        out[kind] = {
+            "per_seed": per_seed,
+            "auroc_mean_sd_over_seeds": [
+                round(float(auc.mean()), 3),
+                round(float(auc.std(ddof=1)) if len(auc) > 1 else 0.0, 3),
+            ],
+        }
+    return out
+
+
+def run_zero_shot_pair(a: argparse.Namespace, ssl_weights: Path, seed: int) -> dict:
+    """examples/zero_shot.py on one cohort (its own, ``--zs-slides`` slides, seed ``seed``) with
+    the SSL tile weights and with random tile weights (init seed ``seed``); everything after the
+    tile encoder (slide-encoder pretraining, alignment, prompts, test patients) is identical.
+    → {kind: balanced accuracy / weighted F1 / macro AUROC with patient-bootstrap 95% CIs}."""
+    out = {}
+    for kind, weights in (("random", "random"), ("ssl", str(ssl_weights))):
+        zs_out = a.out / "zero_shot" / f"{kind}_seed{seed}"
+        cmd = [sys.executable, str(REPO / "examples" / "zero_shot.py"), "--out", str(zs_out),
+               "--n-slides", str(a.zs_slides), "--seed", str(seed), "--tile-weights", weights,
+               "--no-ablation", "--workers", "1"] + (["--quick"] if a.quick else [])  # fmt: skip
+        subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        res = json.loads((zs_out / "zero_shot" / "summary.json").read_text())["pretrained"]
+        out[kind] = {
+            k: {q: round(res[k][q], 3) for q in ("value", "lo", "hi")}
+            for k in ("balanced_accuracy", "f1_weighted", "auroc_macro")
+            if k in res
+        }
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,6 +115,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--config", default="synthetic_cpu")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--parallel", type=int, default=1, help="SSL runs at a time")
+    ap.add_argument(
+        "--mil",
+        action="store_true",
+        help="downstream: also encode the train slides and run `mil train` (biomarker_bag, "
+        "abmil) on every slide with each encoder's features, same folds and seeds",
+    )
+    ap.add_argument("--mil-folds", type=int, default=5)
+    ap.add_argument("--mil-epochs", type=int, default=20)
+    ap.add_argument(
+        "--zero-shot",
+        action="store_true",
+        help="downstream: examples/zero_shot.py (slide-encoder pretraining, alignment, zero-shot "
+        "subtyping of its test patients) with seed 0's SSL weights and with random weights",
+    )
+    ap.add_argument("--zs-slides", type=int, default=300, help="zero-shot cohort size")
     ap.add_argument("--quick", action="store_true", help="tiny cohort, a few steps: runs only")
     a = ap.parse_args(argv)
     seeds = [int(s) for s in a.seeds.split(",")]
@@ -118,18 +198,11 @@ def main(argv: list[str] | None = None) -> dict:
                 k: final[k] for k in final if k in ("rankme", "odcorr") or k.startswith("knn")
             },
             "train_minutes": round(final.get("time_s", float("nan")) / 60, 2),
+            "cpu_minutes": info.get("cpu_minutes"),
         }
         for kind, weights in (("ssl", str(run_dir / WEIGHTS_FILE)), ("random", "random")):
-            cfg = EncodeConfig(
-                encoder=ENCODER, weights=weights, batch_size=64, num_workers=0, qc=False
-            )
             feat_dir = a.out / "features" / f"{kind}_seed{seed}"
-            res = run_encode(held_out, cfg, feat_dir, seed=seed, progress=False)
-            failed = [r for r in res if r.status == "failed"]
-            if failed:
-                raise RuntimeError(
-                    f"encode-slides failed on {failed[0].slide_id}: {failed[0].error}"
-                )
+            encode(held_out, weights, feat_dir, seed)
             features[f"{kind}_seed{seed}"] = str(feat_dir)
     table = run_probe_tiles(
         features, cells, str(cohort / "manifest.csv"), a.out / "probe", seeds=split_seeds
@@ -144,6 +217,17 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for kind in ("random", "ssl")
     }
+    if a.mil:  # the feature folders grow to every slide; the probes above read val/test only
+        all_jobs = [j for js in jobs.values() for j in js]
+        for seed in seeds:
+            for kind, weights in (
+                ("ssl", str(run_dirs[seed] / WEIGHTS_FILE)),
+                ("random", "random"),
+            ):
+                encode(all_jobs, weights, a.out / "features" / f"{kind}_seed{seed}", seed)
+        mil = run_mil(a, cohort / "manifest.csv", seeds)
+    if a.zero_shot:
+        zs = run_zero_shot_pair(a, run_dirs[seeds[0]] / WEIGHTS_FILE, seeds[0])
     result = {
         "encoder": ENCODER,
         "weights_note": "baseline = RANDOM weights (same init as each SSL run's step 0)",
@@ -158,6 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
         "ssl_runs": runs,
         "quick": a.quick,
     }
+    if a.mil:
+        result["mil_biomarker_bag_abmil"] = mil
+    if a.zero_shot:
+        result["zero_shot_subtype"] = zs
     (a.out / "results.json").write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
     return result

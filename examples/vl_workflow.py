@@ -51,6 +51,11 @@ def add_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the CIs")
     ap.add_argument("--no-ablation", action="store_true", help="skip the random-encoder run")
     ap.add_argument(
+        "--tile-weights",
+        default="random",
+        help="vit_tiny_dev weights: random | PATH (e.g. pretrain-tiles' tile_encoder.safetensors)",
+    )
+    ap.add_argument(
         "--quick",
         action="store_true",
         help=f"smoke test of every step in ~2 min ({QUICK}); the numbers mean nothing",
@@ -117,8 +122,13 @@ def prepare(a: argparse.Namespace) -> dict[str, Path]:
     print(f"[1/5] synthetic cohort: {a.n_slides} slides → {cohort}", flush=True)
     generate_cohort(cohort, n_slides=a.n_slides, seed=a.seed, workers=a.workers, cells=a.cells)
     manifest = cohort / "manifest.csv"
-    print("[2/5] tile features (tiny ViT, RANDOM weights)", flush=True)
-    _cli(["encode-slides", "--manifest", str(manifest), "--out", str(feats), *TILE_ENCODER,
+    weights = getattr(a, "tile_weights", "random")
+    print(
+        f"[2/5] tile features (tiny ViT, weights: {weights.upper() if weights == 'random' else weights})",
+        flush=True,
+    )
+    tile = (*TILE_ENCODER[:3], weights)
+    _cli(["encode-slides", "--manifest", str(manifest), "--out", str(feats), *tile,
           "--no-qc", "--no-progress", "--num-workers", "0", "--seed", str(a.seed)])  # fmt: skip
     pre = out / "pretrain"
     if not (pre / "encoder.pt").is_file():
@@ -144,7 +154,7 @@ def prepare(a: argparse.Namespace) -> dict[str, Path]:
         paths[name] = d / "align.pt"
     real = out / "real_features"
     print(f"[5/5] the bundled real slide {SAMPLE.name}, same tile encoder", flush=True)
-    _cli(["encode-slides", str(SAMPLE), "--out", str(real), *TILE_ENCODER, "--no-qc",
+    _cli(["encode-slides", str(SAMPLE), "--out", str(real), *tile, "--no-qc",
           "--no-progress", "--num-workers", "0", "--seed", str(a.seed)])  # fmt: skip
     paths["real_features"] = real
     return paths

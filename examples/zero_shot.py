@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     report["real_slide"] = probs
     (out / "summary.json").write_text(json.dumps(report, indent=2))
     print(f"\nfigures: {out}/pretrained/confusion_matrix.png, {out}/summary.png")
-    print(vl_workflow.NOTE)
+    random_tiles = a.tile_weights == "random"
+    print(vl_workflow.NOTE if random_tiles else f"NOTE: tile weights {a.tile_weights}")
     return 0
 
 

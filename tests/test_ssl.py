@@ -20,6 +20,7 @@ from slidefm.encoders.ssl import (
     ibot_loss,
     koleo_loss,
     sinkhorn_knopp,
+    target_entropies,
     vit_tokens,
 )
 from slidefm.eval.rankme import odcorr
@@ -168,3 +169,46 @@ def test_forward_backward_only_student_gets_gradients():
     assert all(p.grad is None for p in model.teacher.parameters())
     assert model.student.patch_embed.proj.weight.grad is not None
     assert model.mask_token.grad is not None
+
+
+def test_target_entropies_match_scipy_on_uniform_one_hot_and_random():
+    from scipy.stats import entropy
+
+    k = 16
+    uni = torch.full((5, k), 1.0 / k)
+    assert target_entropies(uni) == pytest.approx((math.log(k), math.log(k)), abs=1e-5)
+    one = F.one_hot(torch.zeros(5, dtype=torch.long), k).float()  # every image → prototype 0
+    assert target_entropies(one) == pytest.approx((0.0, 0.0), abs=1e-5)
+    p = torch.softmax(torch.randn(7, k, generator=torch.Generator().manual_seed(0)), -1)
+    row, mean = target_entropies(p)
+    assert row == pytest.approx(float(np.mean(entropy(p.numpy(), axis=1))), rel=1e-5)
+    assert mean == pytest.approx(float(entropy(p.numpy().mean(0))), rel=1e-5)
+
+
+def test_head_batchnorm_spreads_near_identical_inputs():
+    """Rows that differ by 1e-3 along a shared direction (a random ViT's CLS) give teacher logits
+    that differ by far less than a 0.04 temperature without BatchNorm, and by more with it."""
+    from slidefm.encoders.ssl import DINOHead
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 32, generator=g) + 1e-3 * torch.randn(64, 32, generator=g)
+    torch.manual_seed(0)
+    spread = {}
+    for bn in (False, True):
+        head = DINOHead(32, 64, 48, 16, 3, bn=bn).train()
+        with torch.no_grad():
+            spread[bn] = float(head(x).std(0).mean())
+    assert spread[False] < 0.004 < 0.04 < spread[True]
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in DINOHead(8, 4, 8, 4, 3, bn=True).mlp)
+
+
+def test_forward_with_head_batchnorm_and_too_few_masked_tokens():
+    spec = get_spec("vit_tiny_dev")
+    torch.manual_seed(9)
+    cfg = SSLConfig(out_dim=32, hidden_dim=16, bottleneck_dim=8, head_bn=True, mask_prob=0.0)
+    model = DINOModel(build_model(spec), cfg, spec.pooling).train()
+    batch = {"global": torch.randn(3, 2, 3, 32, 32), "local": torch.randn(3, 2, 3, 16, 16)}
+    loss, met = model(batch)  # no masked token: iBOT is 0, the BatchNorm head still runs
+    loss.backward()
+    assert met["ibot_loss"] == 0.0 and math.isfinite(loss.item())
+    assert 0.0 <= met["teacher_entropy"] <= math.log(32) + 1e-4

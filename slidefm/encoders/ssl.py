@@ -37,6 +37,7 @@ class SSLConfig:
     hidden_dim: int = 1024
     bottleneck_dim: int = 128
     head_layers: int = 3
+    head_bn: bool = False  # BatchNorm after each hidden layer of the head (DINO's use_bn)
     student_temp: float = 0.1
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
@@ -95,10 +96,21 @@ def vit_tokens(
 
 
 class DINOHead(nn.Module):
-    """MLP → L2-normalised bottleneck → weight-normalised prototypes (norm fixed to 1)."""
+    """MLP → L2-normalised bottleneck → weight-normalised prototypes (norm fixed to 1).
+
+    ``bn``: BatchNorm after each hidden linear layer (DINO's ``use_bn``). A randomly initialised
+    ViT gives nearly the same CLS direction for every image, so without it the teacher's
+    logits differ across images by less than the teacher temperature and its targets start
+    (and stay) uniform; batch statistics centre the head's input and restore that spread."""
 
     def __init__(
-        self, in_dim: int, out_dim: int, hidden_dim: int, bottleneck_dim: int, layers: int
+        self,
+        in_dim: int,
+        out_dim: int,
+        hidden_dim: int,
+        bottleneck_dim: int,
+        layers: int,
+        bn: bool = False,
     ):
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (layers - 1) + [bottleneck_dim]
@@ -106,6 +118,8 @@ class DINOHead(nn.Module):
         for i in range(len(dims) - 1):
             mods.append(nn.Linear(dims[i], dims[i + 1]))
             if i < len(dims) - 2:
+                if bn:
+                    mods.append(nn.BatchNorm1d(dims[i + 1]))
                 mods.append(nn.GELU())
         self.mlp = nn.Sequential(*mods)
         for m in self.mlp:
@@ -189,6 +203,18 @@ def koleo_loss(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     return -torch.log(d + eps).mean()
 
 
+@torch.no_grad()
+def target_entropies(p: torch.Tensor) -> tuple[float, float]:
+    """(B, K) target distributions → (mean entropy of a row, entropy of the batch-mean row), in
+    nats. Healthy DINO targets are sharp per image (low first) but spread over prototypes across
+    the batch (high second); both ≈ ln K is collapse to uniform, both ≈ 0 collapse to one
+    prototype (Caron et al. 2021, Fig. 7)."""
+    p = p.float().clamp_min(1e-12)
+    row = float(-(p * p.log()).sum(-1).mean())
+    m = p.mean(0)
+    return row, float(-(m * m.log()).sum())
+
+
 def block_masks(n: int, h: int, w: int, ratio: tuple[float, float], prob: float) -> torch.Tensor:
     """(n, h·w) bool masks: a ``prob`` share of the n crops get random rectangles (aspect
     ratio log-uniform in [0.3, 3.3]) until ≈ U(ratio) of their patches are masked (torch RNG)."""
@@ -224,7 +250,7 @@ class DINOModel(nn.Module):
         dim = trunk.embed_dim
         self.student = trunk
         self.student_head = DINOHead(
-            dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers
+            dim, cfg.out_dim, cfg.hidden_dim, cfg.bottleneck_dim, cfg.head_layers, cfg.head_bn
         )
         self.teacher = copy.deepcopy(trunk).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.student_head).requires_grad_(False)
@@ -277,28 +303,38 @@ class DINOModel(nn.Module):
         npre = self.student.num_prefix_tokens
         gh, gw = (s // p for s, p in zip(g.shape[-2:], self.student.patch_embed.patch_size))
         masks = block_masks(n_g * b, gh, gw, cfg.mask_ratio, cfg.mask_prob).to(g.device)
+        if int(masks.sum()) < 2:  # a head with BatchNorm needs ≥ 2 rows: no iBOT this step
+            masks.zero_()
         temp = self.teacher_temp()
         with torch.no_grad():
             t_tok = vit_tokens(self.teacher, g)
             t_cls = self.teacher_head(t_tok[:, 0])
-            t_patch = self.teacher_head(t_tok[:, npre:][masks])
             t_cls_p = self._targets(t_cls, self.center, temp).view(n_g, b, -1)
-            t_patch_p = self._targets(t_patch, self.patch_center, temp)
+            if masks.any():
+                t_patch = self.teacher_head(t_tok[:, npre:][masks])
+                t_patch_p = self._targets(t_patch, self.patch_center, temp)
         s_tok = vit_tokens(self.student, g, masks, self.mask_token)
         s_cls_emb = s_tok[:, 0]
-        s_logits = [self.student_head(s_cls_emb).view(n_g, b, -1)]
+        cls = [s_cls_emb]
         if "local" in batch and batch["local"].numel():
             loc = batch["local"].transpose(0, 1).flatten(0, 1)
-            l_tok = vit_tokens(self.student, loc)
-            s_logits.append(self.student_head(l_tok[:, 0]).view(-1, b, cfg.out_dim))
-        l_dino = dino_loss(torch.cat(s_logits), t_cls_p, cfg.student_temp)
-        owner = torch.arange(n_g * b, device=g.device).unsqueeze(1).expand_as(masks)[masks]
-        s_patch = self.student_head(s_tok[:, npre:][masks])
-        l_ibot = ibot_loss(s_patch, t_patch_p, owner, n_g * b, cfg.student_temp)
+            cls.append(vit_tokens(self.student, loc)[:, 0])
+        # one head call over every crop (as DINO's multi-crop wrapper: shared BatchNorm stats)
+        s_logits = self.student_head(torch.cat(cls)).view(-1, b, cfg.out_dim)
+        l_dino = dino_loss(s_logits, t_cls_p, cfg.student_temp)
+        if masks.any():
+            owner = torch.arange(n_g * b, device=g.device).unsqueeze(1).expand_as(masks)[masks]
+            s_patch = self.student_head(s_tok[:, npre:][masks])
+            l_ibot = ibot_loss(s_patch, t_patch_p, owner, n_g * b, cfg.student_temp)
+        else:
+            l_ibot = s_logits.sum() * 0.0
         l_koleo = sum(koleo_loss(c) for c in s_cls_emb.view(n_g, b, -1)) / n_g
         loss = cfg.dino_weight * l_dino + cfg.ibot_weight * l_ibot + cfg.koleo_weight * l_koleo
+        h_row, h_mean = target_entropies(t_cls_p.flatten(0, 1))
         return loss, {
             "dino_loss": float(l_dino.detach()),
+            "teacher_entropy": h_row,  # ln K: uniform collapse; 0: one-hot targets
+            "teacher_batch_entropy": h_mean,  # 0: every image → one prototype (collapse)
             "ibot_loss": float(l_ibot.detach()),
             "koleo_loss": float(l_koleo.detach()),
             "teacher_temp": temp,

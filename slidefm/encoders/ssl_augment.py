@@ -37,6 +37,7 @@ class MultiCropConfig:
     hue: float = 0.02
     p_hed: float = 0.5
     hed_sigma: float = 0.05  # α ~ U(1 ± σ) scale, β ~ U(±σ) shift per stain channel
+    p_gray: float = 0.0  # random greyscale (DINO: 0.2): no colour shortcut between views
     p_blur_global: float = 0.5
     p_blur_local: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 1.5)
@@ -91,6 +92,8 @@ class MultiCrop:
             x = TF.adjust_saturation(x, rng.uniform(1 - cfg.saturation, 1 + cfg.saturation))
             if cfg.hue > 0:
                 x = TF.adjust_hue(x, rng.uniform(-cfg.hue, cfg.hue))
+        if cfg.p_gray and rng.random() < cfg.p_gray:  # no draw when off: same stream
+            x = TF.rgb_to_grayscale(x, num_output_channels=3)
         if rng.random() < p_blur:
             sigma = float(rng.uniform(*cfg.blur_sigma))
             k = max(3, 2 * int(round(2 * sigma)) + 1)

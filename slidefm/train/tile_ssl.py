@@ -271,8 +271,18 @@ def run_pretrain_tiles(
         log.info("step 0 (loaded model): %s", info["step0_eval"])
         model.train()
     finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step)
+    info["cpu_minutes"] = cpu_minutes()  # this process + its finished loader workers
     if rank == 0 and finished:
         meta = tile_encoder_meta(encoder, spec, seed, info["steps"], weights_id, run_hash)
         info["tile_encoder"] = save_tile_encoder(out, model, meta)
         write_json(out / RUN_CONFIG, info)
     return info
+
+
+def cpu_minutes() -> float:
+    """CPU time (user + system) of this process and its reaped children, in minutes: the
+    cost of a run on a shared machine, where wall time depends on the other load."""
+    import resource
+
+    ru = [resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)]
+    return round(sum(r.ru_utime + r.ru_stime for r in ru) / 60.0, 2)
