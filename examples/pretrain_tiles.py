@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from slidefm.eval.tile_probes import run_probe_tiles
 from slidefm.io.manifest import read_manifest
 from slidefm.pipelines.encode import EncodeConfig, SlideJob, run_encode
-from slidefm.pipelines.tile_probes import run_probe_tiles
 from slidefm.pipelines.tile_ssl import WEIGHTS_FILE
 from slidefm.wsi.synthetic import generate_cohort
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from slidefm.models.alibi import alibi_2d_bias, alibi_2d_bias_block, alibi_slopes
+from slidefm.models.alibi import Alibi2DBias, alibi_2d_bias, alibi_slopes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -59,15 +59,17 @@ def test_2d_bias_equals_loop(n_prefix):
     np.testing.assert_allclose(got.numpy(), _bias_loop(grid, 6, n_prefix), rtol=1e-6, atol=1e-6)
 
 
-def test_bias_block_rows_and_padding():
+@pytest.mark.parametrize(
+    "rows, cols", [((0, 1), (0, 17)), ((0, 5), (3, 9)), ((1, 9), (0, 2)), ((9, 17), (2, 17))]
+)
+def test_bias_block_is_the_tile_of_the_loop(rows, cols):
+    """``Alibi2DBias.block`` (what the blockwise kernels call) = that tile of the formula,
+    prefix rows/columns included, for every batch element."""
     rng = np.random.default_rng(1)
-    grid = torch.from_numpy(rng.integers(0, 20, size=(2, 15, 2)))
-    pad = torch.zeros(2, 17, dtype=torch.bool)
-    pad[1, 12:] = True
-    full = [alibi_2d_bias(grid[b], 4, num_prefix_tokens=2) for b in range(2)]
-    for s, e in [(0, 1), (0, 5), (1, 9), (9, 17)]:
-        blk = alibi_2d_bias_block(grid, alibi_slopes(4), s, e, 2, pad)
-        assert blk.shape == (2, 4, e - s, 17)
-        torch.testing.assert_close(blk[0], full[0][:, s:e])
-        torch.testing.assert_close(blk[1, :, :, :12], full[1][:, s:e, :12])
-        assert torch.isneginf(blk[1, :, :, 12:]).all()
+    grid = rng.integers(0, 20, size=(2, 15, 2))
+    blk = Alibi2DBias.from_grid(torch.from_numpy(grid), 4, 2).block(slice(*rows), slice(*cols))
+    assert blk.shape == (2, 4, rows[1] - rows[0], cols[1] - cols[0])
+    assert blk.dtype == torch.float32
+    for b in range(2):
+        want = _bias_loop(grid[b], 4, 2)[:, slice(*rows), slice(*cols)]
+        np.testing.assert_allclose(blk[b].numpy(), want, rtol=1e-6, atol=1e-6)

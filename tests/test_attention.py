@@ -1,14 +1,22 @@
-"""Attention backends against the naive oracle, and the oracle against an explicit reference."""
+"""Every attention backend × every position bias against the naive oracle, and the oracle
+against an explicit numpy reference.
+
+Parametrised from ``BACKENDS`` and ``BIASES`` themselves (as timm's registry tests are), so a
+new backend or bias class is tested without editing this file. A backend that cannot run here
+(xformers off CUDA, flex under gradients on CPU) is tested for its one-line error instead;
+compiled backends (FlexAttention: ~10-30 s per compile on CPU) are marked slow.
+"""
 
 import math
+import re
 
 import numpy as np
 import pytest
 import torch
 
 import slidefm.models.attention as attn
-from slidefm.models.alibi import alibi_slopes
-from slidefm.models.attention import attention_with_lse, full_attention
+from slidefm.models.alibi import Alibi2DBias
+from slidefm.models.attention import BACKENDS, BIASES, FullAttention, get_backend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -24,9 +32,9 @@ def inputs(bsz, heads, n_tiles, n_prefix, dh=8, seed=0, side=50, dtype=torch.flo
     return q, k, v, grid, pad
 
 
-def reference(q, k, v, grid, pad, n_prefix, heads):
+def reference(q, k, v, grid, pad, n_prefix, heads, alibi=True):
     """Per-sample numpy: bias from the formula, softmax over the real keys only."""
-    slopes = [2.0 ** (-8.0 * (h + 1) / heads) for h in range(heads)]  # power-of-two H
+    slopes = [2.0 ** (-8.0 * (h + 1) / heads) * alibi for h in range(heads)]  # power-of-two H
     q, k, v, grid = (x.double().numpy() for x in (q, k, v, grid))
     out = np.zeros_like(q)
     for b in range(q.shape[0]):
@@ -44,90 +52,121 @@ def reference(q, k, v, grid, pad, n_prefix, heads):
     return torch.from_numpy(out)
 
 
-def test_naive_equals_explicit_reference():
+def backends() -> list:
+    """One pytest param per backend of the table; compiled ones marked slow."""
+    return [
+        pytest.param(name, id=name, marks=[pytest.mark.slow] if cls.compiled else [])
+        for name, cls in BACKENDS.items()
+    ]
+
+
+SIZES = [(40, 0, 16), (301, 1, 64), (2000, 3, 512)]  # (tiles, prefix tokens, block rows)
+
+
+def backend_sizes() -> list:
+    """Backend × size params; a compiled backend gets one size (each length is one compile)."""
+    return [
+        pytest.param(name, *size, id=f"{name}-{size[0]}", marks=p.marks)
+        for p in backends()
+        for name in p.values
+        for size in (SIZES[1:2] if BACKENDS[name].compiled else SIZES)
+    ]
+
+
+def unavailable(name: str, needs_grad: bool = False) -> str | None:
+    """Why ``name`` cannot run on this CPU (its error message), or None."""
+    try:
+        get_backend(name).check("cpu", needs_grad)
+    except (ValueError, ImportError) as e:
+        return str(e)
+    return None
+
+
+def make_bias(name, grid, heads, n_prefix):
+    return BIASES[name].from_grid(grid, heads, n_prefix)
+
+
+def attend(backend, q, k, v, bias=None, pad=None, block_size=1024):
+    return FullAttention(backend, block_size)(q, k, v, bias, pad)
+
+
+@pytest.mark.parametrize("bias", list(BIASES))
+def test_naive_equals_explicit_reference(bias):
     q, k, v, grid, pad = inputs(2, 4, 13, 2)
-    got = full_attention(
-        q,
-        k,
-        v,
-        "naive",
-        grid=grid,
-        slopes=alibi_slopes(4),
-        num_prefix_tokens=2,
-        key_padding_mask=pad,
-    )
-    torch.testing.assert_close(
-        got.double(), reference(q, k, v, grid, pad, 2, 4), atol=1e-5, rtol=1e-5
-    )
+    got = attend("naive", q, k, v, make_bias(bias, grid, 4, 2), pad)
+    want = reference(q, k, v, grid, pad, 2, 4, alibi=bias == "alibi2d")
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("alibi", [True, False])
-@pytest.mark.parametrize("n_tiles, n_prefix, block", [(40, 0, 16), (301, 1, 64), (2000, 3, 512)])
-def test_sdpa_equals_naive(n_tiles, n_prefix, block, alibi):
+@pytest.mark.parametrize("bias", list(BIASES))
+@pytest.mark.parametrize("backend, n_tiles, n_prefix, block", backend_sizes())
+def test_backend_equals_naive(backend, n_tiles, n_prefix, block, bias):
     q, k, v, grid, pad = inputs(3, 4, n_tiles, n_prefix, seed=n_tiles)
-    kw = dict(
-        grid=grid,
-        slopes=alibi_slopes(4) if alibi else None,
-        num_prefix_tokens=n_prefix,
-        key_padding_mask=pad,
-    )
-    ref = full_attention(q, k, v, "naive", **kw)
-    got = full_attention(q, k, v, "sdpa", block_size=block, **kw)
+    b = make_bias(bias, grid, 4, n_prefix)
+    if why := unavailable(backend):
+        with pytest.raises((ValueError, ImportError), match=re.escape(why)):
+            attend(backend, q, k, v, b, pad)
+        return
+    with torch.no_grad():
+        got = attend(backend, q, k, v, b, pad, block_size=block)
+    ref = attend("naive", q, k, v, b, pad)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_sdpa_gradients_equal_naive_float64():
+@pytest.mark.parametrize("backend", backends())
+def test_gradients_equal_naive_float64(backend):
     q, k, v, grid, pad = inputs(2, 4, 90, 2, dtype=torch.float64)
+    bias = Alibi2DBias.from_grid(grid, 4, 2)
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    if why := unavailable(backend, needs_grad=True):
+        with pytest.raises((ValueError, ImportError), match=re.escape(why)):
+            attend(backend, *leaves, bias, pad, block_size=16)
+        return
     grads = []
-    for backend in ("naive", "sdpa"):
+    for name in ("naive", backend):
         leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-        out = full_attention(
-            *leaves,
-            backend,
-            grid=grid,
-            slopes=alibi_slopes(4),
-            num_prefix_tokens=2,
-            key_padding_mask=pad,
-            block_size=16,
-        )
-        out.pow(2).sum().backward()
+        attend(name, *leaves, bias, pad, block_size=16).pow(2).sum().backward()
         grads.append([x.grad for x in leaves])
     for a, b in zip(*grads):
         torch.testing.assert_close(b, a, atol=1e-10, rtol=1e-9)
 
 
-def test_blockwise_bias_never_covers_more_than_a_block(monkeypatch):
-    seen = []
-    real = attn.alibi_2d_bias_block
+class _SpyBias(Alibi2DBias):
+    seen: list
 
-    def spy(grid, slopes, s, e, *a, **kw):
-        seen.append((s, e))
-        return real(grid, slopes, s, e, *a, **kw)
+    def block(self, rows, cols):
+        self.seen.append((rows.start, rows.stop, cols.start, cols.stop))
+        return super().block(rows, cols)
 
-    monkeypatch.setattr(attn, "alibi_2d_bias_block", spy)
+
+@pytest.mark.parametrize(
+    "backend", [n for n, c in BACKENDS.items() if issubclass(c, attn.BlockwiseBackend)]
+)
+def test_blockwise_bias_never_covers_more_than_a_block(backend):
     q, k, v, grid, pad = inputs(2, 4, 1000, 1)
-    full_attention(
-        q,
-        k,
-        v,
-        "sdpa",
-        grid=grid,
-        slopes=alibi_slopes(4),
-        num_prefix_tokens=1,
-        key_padding_mask=pad,
-        block_size=128,
-    )
-    assert max(e - s for s, e in seen) == 128
-    assert [s for s, _ in seen] == list(range(0, 1001, 128))  # rows covered once, in order
+    bias = _SpyBias.from_grid(grid, 4, 1)
+    bias.seen = []
+    if unavailable(backend):
+        return  # its error is tested above; the spy needs the kernel to run
+    with torch.no_grad():
+        attend(backend, q, k, v, bias, pad, block_size=128)
+    assert max(e - s for s, e, _, _ in bias.seen) == 128
+    assert [s for s, *_ in bias.seen] == list(range(0, 1001, 128))  # rows covered once, in order
+    assert {(c0, c1) for *_, c0, c1 in bias.seen} == {(0, 1001)}
     # and the block shrinks so that one block never exceeds MAX_BLOCK_ELEMENTS
     assert attn._block_rows(1024, 1, 16, 1_000_000) * 16 * 1_000_000 <= attn.MAX_BLOCK_ELEMENTS
 
 
-@pytest.mark.parametrize("backend", ["naive", "sdpa"])
-def test_attention_with_lse(backend):
+@pytest.mark.parametrize("backend", backends())
+def test_attend_with_lse(backend):
     q, k, v, _, pad = inputs(3, 2, 20, 0)
     pad[2] = True  # no real key at all
-    out, lse = attention_with_lse(q, k, v, pad, backend)
+    if unavailable(backend):
+        with pytest.raises((ValueError, ImportError)):
+            get_backend(backend).check("cpu")
+        return
+    with torch.no_grad():
+        out, lse = get_backend(backend).attend_with_lse(q, k, v, pad)
     scores = q.double() @ k.double().transpose(-1, -2) / math.sqrt(8)
     for b in range(2):
         keys = ~pad[b]
@@ -138,21 +177,36 @@ def test_attention_with_lse(backend):
     assert torch.isneginf(lse[2]).all() and (out[2] == 0).all()
 
 
+@pytest.mark.parametrize("bias", list(BIASES))
+def test_bias_score_mod_equals_its_blocks(bias):
+    """The two views of a bias agree: ``score_mod`` (FlexAttention) evaluated eagerly on every
+    (b, h, q, kv) equals the ``block`` tiles (blockwise kernels), and tiles compose."""
+    _, _, _, grid, _ = inputs(2, 4, 11, 2)
+    b = make_bias(bias, grid, 4, 2)
+    t = 13
+    idx = torch.arange(t)
+    mod = b.score_mod(
+        torch.zeros(()),
+        torch.arange(2)[:, None, None, None],
+        torch.arange(4)[None, :, None, None],
+        idx[None, None, :, None],
+        idx[None, None, None, :],
+    ).expand(2, 4, t, t)
+    whole = b.block(slice(0, t), slice(0, t))
+    whole = torch.zeros(2, 4, t, t) if whole is None else whole.expand(2, 4, t, t)
+    torch.testing.assert_close(mod, whole, atol=1e-5, rtol=1e-6)
+    tile = b.block(slice(3, 9), slice(1, 12))
+    if tile is not None:
+        torch.testing.assert_close(tile.expand(2, 4, 6, 11), whole[:, :, 3:9, 1:12])
+    padded = b.padded(5).score_mod(torch.zeros(()), 1, 3, idx[:, None], idx[None, :])
+    torch.testing.assert_close(padded.expand(t, t), mod[1, 3])
+
+
 def test_unknown_and_unavailable_backends_explain_themselves():
     q, k, v, grid, pad = inputs(1, 2, 5, 0)
     with pytest.raises(ValueError, match="Unknown attention backend"):
-        full_attention(q, k, v, "magic")
+        FullAttention("magic")
     with pytest.raises(ValueError, match="CUDA only"):
-        full_attention(q, k, v, "xformers")
+        attend("xformers", q, k, v)
     with pytest.raises(ValueError, match="inference only"):
-        full_attention(q.requires_grad_(), k, v, "flex")
-
-
-@pytest.mark.slow
-def test_flex_equals_naive_inference():
-    """Compiled FlexAttention (CPU: inference only, ~10-30 s to compile)."""
-    q, k, v, grid, pad = inputs(2, 4, 150, 1)
-    kw = dict(grid=grid, slopes=alibi_slopes(4), num_prefix_tokens=1, key_padding_mask=pad)
-    with torch.no_grad():
-        got = full_attention(q, k, v, "flex", **kw)
-    torch.testing.assert_close(got, full_attention(q, k, v, "naive", **kw), atol=1e-5, rtol=1e-5)
+        attend("flex", q.requires_grad_(), k, v)

@@ -148,3 +148,33 @@ def test_collate_pads_and_masks():
     assert b["features"][0, 3:].abs().sum() == 0 and b["features"][1].eq(2).all()
     assert b["slide_id"] == ["a", "b"] and b["label"].tolist() == [0, 1]
     assert "label" not in collate_bags([{k: v for k, v in items[0].items() if k != "label"}])
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_items_carry_each_tiles_level0_coords(tmp_path, cached):
+    """Published encoders read absolute coords: every (feature row, coords) pair of a cropped,
+    subsampled item is a pair of the file, and collate pads coords with the mask."""
+    from slidefm.io.bags import bag_rows, list_feature_files, load_bags
+
+    ids = write_random_bags(tmp_path, num=3, n_range=(40, 60))
+    bags = load_bags(list_feature_files(tmp_path), progress=False, cache_gb=8.0 if cached else 0)
+    assert (bags.cached_positions is not None) == cached
+    datasets = [
+        FeatureBagDataset(tmp_path, crop=(4, 6), max_tiles=15, seed=1),
+        bag_rows(bags, np.arange(3), np.zeros(3), max_tiles=15, seed=1),
+    ]
+    for ds in datasets:
+        items = [ds[i] for i in range(3)]
+        for sid, it in zip(ids, items):
+            sf = read_features(tmp_path / f"{sid}.h5")
+            pairs = {tuple(c) + tuple(f) for c, f in zip(sf.coords.tolist(), sf.features.tolist())}
+            got = zip(it["coords"].tolist(), it["features"].tolist())
+            assert all(tuple(c) + tuple(f) in pairs for c, f in got)
+            assert it["patch_size_level0"] == 256.0
+        batch = collate_bags(items)
+        n = [len(it["features"]) for it in items]
+        assert batch["coords"].shape == (3, max(n), 2)
+        for i, k in enumerate(n):
+            assert torch.equal(batch["coords"][i, :k], items[i]["coords"])
+            assert not batch["padding_mask"][i, :k].any() and batch["padding_mask"][i, k:].all()
+        assert batch["patch_size_level0"].tolist() == [256.0] * 3

@@ -5,6 +5,8 @@ N; consecutive segments of w tokens (the last may be shorter); heads split into 
 groups of ceil(H/r); head group j keeps, in every segment, the tokens whose offset from the
 segment start is ≡ j (mod r), and those queries attend exactly those (non-padded) keys; a
 token's output mixes the branches that selected it with softmax weights of their log-sum-exp.
+
+Parametrised over ``BACKENDS`` (see tests/test_attention.py): a new backend is run here too.
 """
 
 import math
@@ -13,7 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from slidefm.models.dilated import dilated_attention
+from slidefm.models.alibi import Alibi2DBias
+from slidefm.models.attention import BACKENDS, get_backend
+from slidefm.models.dilated import DilatedAttention
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,21 +64,55 @@ CASES = [  # (N, H, segment_lengths, dilation_ratios)
 
 
 def rand_qkv(n, heads, dh=8, bsz=2, seed=0):
+    """q, k, v in the oracle's [B, N, H, Dh]; ``dilated`` transposes to the module's layout."""
     gen = torch.Generator().manual_seed(seed)
     return [torch.randn(bsz, n, heads, dh, generator=gen) for _ in range(3)]
 
 
-@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+def dilated(q, k, v, segs, dils, key_padding_mask=None, backend="naive", padding="masked"):
+    """DilatedAttention on [B, N, H, Dh] tensors (the module takes [B, H, N, Dh])."""
+    mod = DilatedAttention(segs, dils, backend, padding)
+    out = mod(*(x.transpose(1, 2) for x in (q, k, v)), None, key_padding_mask)
+    return out.transpose(1, 2)
+
+
+def fast_backends(needs_grad: bool = False) -> list[str]:
+    """Backends that run on this CPU without compiling (the others: see the tests below)."""
+    out = []
+    for name, cls in BACKENDS.items():
+        try:
+            get_backend(name).check("cpu", needs_grad)
+        except (ValueError, ImportError):
+            continue
+        if not cls.compiled:
+            out.append(name)
+    return out
+
+
+def test_unrunnable_backends_fail_clearly():
+    q, k, v = rand_qkv(10, 2)
+    for name in BACKENDS:
+        for grad in (False, True):
+            if name in fast_backends(grad) or (BACKENDS[name].compiled and not grad):
+                continue
+            leaves = [x.clone().requires_grad_(grad) for x in (q, k, v)]
+            with pytest.raises(
+                (ValueError, ImportError), match="CUDA only|inference only|xformers"
+            ):
+                dilated(*leaves, [4], [1], backend=name)
+
+
+@pytest.mark.parametrize("backend", fast_backends())
 @pytest.mark.parametrize("case", CASES)
 def test_matches_oracle(case, backend):
     n, heads, segs, dils = case
     q, k, v = rand_qkv(n, heads)
-    got = dilated_attention(q, k, v, segs, dils, backend=backend)
+    got = dilated(q, k, v, segs, dils, backend=backend)
     assert got.shape == q.shape and got.dtype == q.dtype
     torch.testing.assert_close(got.double(), oracle(q, k, v, segs, dils), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("backend", ["naive", "sdpa"])
+@pytest.mark.parametrize("backend", fast_backends())
 @pytest.mark.parametrize("case", CASES[:3])
 def test_matches_oracle_with_padding(case, backend):
     n, heads, segs, dils = case
@@ -82,7 +120,7 @@ def test_matches_oracle_with_padding(case, backend):
     pad = torch.zeros(2, n, dtype=torch.bool)
     pad[0, n - 9 :] = True  # a padded tail (whole segments of padding for small w)
     pad[1, ::5] = True  # scattered padding
-    got = dilated_attention(q, k, v, segs, dils, key_padding_mask=pad, backend=backend)
+    got = dilated(q, k, v, segs, dils, key_padding_mask=pad, backend=backend)
     ref = oracle(q, k, v, segs, dils, pad)
     real = ~pad
     torch.testing.assert_close(got.double()[real], ref[real], atol=1e-5, rtol=1e-5)
@@ -91,42 +129,53 @@ def test_matches_oracle_with_padding(case, backend):
 
 def test_single_dense_branch_is_plain_attention():
     q, k, v = rand_qkv(30, 4)
-    got = dilated_attention(q, k, v, [1000], [1])
+    got = dilated(q, k, v, [1000], [1])
     ref = torch.nn.functional.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
     ).transpose(1, 2)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
 
 
-def test_gradients_match_between_backends_and_are_finite():
+@pytest.mark.parametrize("backend", fast_backends(needs_grad=True))
+def test_gradients_match_naive_and_are_finite(backend):
     n, heads, segs, dils = CASES[0]
     grads = {}
-    for backend in ("naive", "sdpa"):
+    for name in ("naive", backend):
         q, k, v = (x.requires_grad_() for x in rand_qkv(n, heads, seed=2))
         pad = torch.zeros(2, n, dtype=torch.bool)
         pad[0, 20:] = True
-        out = dilated_attention(q, k, v, segs, dils, key_padding_mask=pad, backend=backend)
+        out = dilated(q, k, v, segs, dils, key_padding_mask=pad, backend=name)
         (out[~pad] ** 2).sum().backward()
-        grads[backend] = [x.grad for x in (q, k, v)]
-        assert all(torch.isfinite(g).all() for g in grads[backend])
-    for a, b in zip(grads["naive"], grads["sdpa"]):
+        grads[name] = [x.grad for x in (q, k, v)]
+        assert all(torch.isfinite(g).all() for g in grads[name])
+    for a, b in zip(grads["naive"], grads[backend]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
-def test_rejects_mismatched_branches():
-    q, k, v = rand_qkv(10, 2)
+def test_rejects_mismatched_branches_a_bias_and_torchscale_padding_masks():
     with pytest.raises(ValueError, match="equal length"):
-        dilated_attention(q, k, v, [4, 8], [1])
+        DilatedAttention([4, 8], [1])
+    with pytest.raises(ValueError, match="padding"):
+        DilatedAttention([4], [1], padding="zeros")
+    q, k, v = rand_qkv(10, 2)
+    bias = Alibi2DBias.from_grid(torch.zeros(2, 10, 2), 2)
+    with pytest.raises(ValueError, match="no position bias"):
+        DilatedAttention([4], [1])(q, k, v, bias)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[0, -1] = True
+    with pytest.raises(ValueError, match="torchscale"):
+        dilated(q, k, v, [4], [1], pad, padding="torchscale")
 
 
 @pytest.mark.slow
-def test_flex_matches_oracle_inference():
+@pytest.mark.parametrize("backend", [n for n, c in BACKENDS.items() if c.compiled])
+def test_compiled_backend_matches_oracle_inference(backend):
     """FlexAttention (compiled; CPU: inference only) on the same definition."""
     n, heads, segs, dils = CASES[0]
     q, k, v = rand_qkv(n, heads)
     pad = torch.zeros(2, n, dtype=torch.bool)
     pad[1, 30:] = True
     with torch.no_grad():
-        got = dilated_attention(q, k, v, segs, dils, key_padding_mask=pad, backend="flex")
+        got = dilated(q, k, v, segs, dils, key_padding_mask=pad, backend=backend)
     ref = oracle(q, k, v, segs, dils, pad)
     torch.testing.assert_close(got.double()[~pad], ref[~pad], atol=1e-5, rtol=1e-5)

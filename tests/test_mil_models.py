@@ -227,3 +227,36 @@ def test_checkpoint_round_trip(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not a slidefm MIL checkpoint"):
         load_mil_checkpoint(tmp_path / "other.pt")
+
+
+@pytest.mark.parametrize("name", ["mean", "max", "abmil", "transmil", "slide_encoder"])
+def test_head_configs_match_the_model_constructors(name):
+    """Each typed ``model_kwargs`` dataclass has exactly the constructor's tunable keyword
+    arguments with the same defaults, so an empty mapping builds the model's own default."""
+    import dataclasses
+    import inspect
+
+    from slidefm.models.mil import ABMIL, PoolMIL, SlideEncoderMIL, TransMIL
+    from slidefm.models.mil_config import head_config
+
+    cls = {"mean": PoolMIL, "max": PoolMIL, "abmil": ABMIL, "transmil": TransMIL,
+           "slide_encoder": SlideEncoderMIL}[name]  # fmt: skip
+    fixed = {"self", "in_dim", "num_classes", "encoder", "pool", "freeze"}  # set by the caller
+    sig = {k: p.default for k, p in inspect.signature(cls.__init__).parameters.items()
+           if k not in fixed}  # fmt: skip
+    head = head_config(name, {})
+    assert {f.name: getattr(head, f.name) for f in dataclasses.fields(head)} == sig
+
+
+def test_mil_config_types_model_kwargs():
+    from slidefm.config import ConfigError, from_dict
+    from slidefm.models.mil_config import ABMILHead, TransMILHead
+    from slidefm.train.mil import MILConfig
+
+    cfg = from_dict(MILConfig, {"model": "transmil", "model_kwargs": {"dim": 16, "heads": 2}})
+    assert cfg.model_kwargs == TransMILHead(dim=16, heads=2)
+    assert MILConfig(model_kwargs={"hidden": 8}).model_kwargs == ABMILHead(hidden=8)
+    with pytest.raises(ConfigError, match="model_kwargs of abmil.*heads"):
+        from_dict(MILConfig, {"model": "abmil", "model_kwargs": {"heads": 2}})
+    with pytest.raises(ConfigError, match="hidden"):
+        from_dict(MILConfig, {"model": "mean", "model_kwargs": {"hidden": "wide"}})

@@ -204,7 +204,7 @@ def test_bad_manifests_give_clear_errors(tmp_path, capsys):
 
 
 def _fold_inputs(tmp_path, n_patients=12):
-    from slidefm.pipelines.mil import load_bags
+    from slidefm.io.bags import load_bags
 
     manifest, feats = make_cohort(tmp_path, n_patients=n_patients)
     df = pd.read_csv(manifest)
@@ -216,7 +216,7 @@ def _fold_inputs(tmp_path, n_patients=12):
 
 def test_early_stopping_stops_after_patience(tmp_path):
     from slidefm.eval.targets import Task
-    from slidefm.pipelines.mil import MILConfig, train_fold
+    from slidefm.train.mil import MILConfig, train_fold
 
     bags, y, idx = _fold_inputs(tmp_path)
     rng = np.random.default_rng(0)
@@ -232,7 +232,7 @@ def test_early_stopping_stops_after_patience(tmp_path):
 
 
 def test_interrupted_fold_resumes_to_the_same_model(tmp_path, monkeypatch):
-    import slidefm.pipelines.mil as mp
+    import slidefm.train.mil as mp
     from slidefm.eval.targets import Task
 
     bags, y, idx = _fold_inputs(tmp_path)
@@ -264,8 +264,9 @@ def test_interrupted_fold_resumes_to_the_same_model(tmp_path, monkeypatch):
 
 
 def test_lazy_bags_equal_cached_bags(tmp_path):
+    from slidefm.io.bags import bag_rows as BagDataset
+    from slidefm.io.bags import load_bags
     from slidefm.io.features import read_features
-    from slidefm.pipelines.mil import BagDataset, load_bags
 
     manifest, feats = make_cohort(tmp_path, n_patients=4)
     paths = [feats / f"{s}.h5" for s in pd.read_csv(manifest)["slide_id"]]
@@ -356,8 +357,10 @@ def test_slide_encoder_model_from_config_and_checkpoint(tmp_path, capsys):
 
 
 def test_frozen_encoder_trains_on_cached_embeddings(tmp_path):
+    from slidefm.eval.inference import predict_bags
     from slidefm.eval.targets import Task
-    from slidefm.pipelines.mil import BagDataset, MILConfig, predict_bags, train_fold
+    from slidefm.io.bags import bag_rows as BagDataset
+    from slidefm.train.mil import MILConfig, train_fold
 
     bags, y, idx = _fold_inputs(tmp_path)
     cfg = MILConfig(model="slide_encoder", slide_encoder="tiny", head_epochs=3, epochs=50)
@@ -385,7 +388,7 @@ def test_frozen_encoder_trains_on_cached_embeddings(tmp_path):
 
 def test_feature_stats_and_standardized_wrapper(tmp_path):
     from slidefm.models.mil import Standardized
-    from slidefm.pipelines.mil import feature_stats
+    from slidefm.train.mil import feature_stats
 
     bags, _, idx = _fold_inputs(tmp_path)
     mean, std = feature_stats(bags, idx["train"])

@@ -11,9 +11,10 @@ import pytest
 from safetensors.torch import load_file
 
 from slidefm.cli import main
+from slidefm.eval.protocol import patient_split
+from slidefm.eval.tile_probes import run_probe_tiles
 from slidefm.io.features import SlideFeatures, read_attrs, write_features
 from slidefm.pipelines.encode import SlideJob
-from slidefm.pipelines.tile_probes import patient_split, run_probe_tiles
 from slidefm.pipelines.tile_ssl import run_pretrain_tiles
 from slidefm.wsi.synthetic import generate_cohort
 from slidefm.wsi.synthetic_tiff import write_pyramid_tiff

@@ -215,7 +215,11 @@ def test_registry_lists_published_and_own_encoders() -> None:
 def test_torchscale_padding_is_attended_masked_is_default() -> None:
     """Independent check of the two padding modes on one branch (w=4, r=1, N=6): torchscale's
     second segment holds 2 real keys + 2 zero keys, which enter its softmax with score 0."""
-    from slidefm.models.dilated import dilated_attention
+    from slidefm.models.dilated import DilatedAttention
+
+    def dilated_attention(q, k, v, segs, dils, padding="masked"):  # [B, N, H, Dh] layout
+        mod = DilatedAttention(segs, dils, "naive", padding)
+        return mod(*(x.transpose(1, 2) for x in (q, k, v))).transpose(1, 2)
 
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 6, 1, 3, generator=g, dtype=torch.float64) for _ in range(3))

@@ -385,3 +385,61 @@ def test_select_metric_never_evaluated_keeps_last(tmp_path, caplog):
     assert "never evaluated" in caplog.text
     with pytest.raises(ValueError, match="select_mode"):
         Trainer(nn.Linear(5, 1), mse, lambda e: [], _cfg(tmp_path, select_mode="lowest"))
+
+
+# -- early stopping (ModelSelection callback with patience) ---------------------------------
+def _early_stop_run(out, scores, patience, first_always=False, stop=None):
+    """Evaluate every 2 steps; the i-th evaluation scores ``scores[i]`` (NaN = undefined)."""
+    from slidefm.train.loop import ModelSelection
+
+    torch.manual_seed(0)
+    snaps: dict[int, dict] = {}
+    holder: dict[str, Trainer] = {}
+
+    def eval_fn(m):
+        step = holder["tr"].step
+        snaps[step] = _params(m)
+        return {"val_score": scores[step // 2 - 1]}
+
+    sel = ModelSelection(lambda m: m["val_score"], out / "best.pt", patience=patience,
+                         first_always=first_always)  # fmt: skip
+    cfg = _cfg(out, max_steps=2 * len(scores), accum_steps=1, eval_every=2, ckpt_every=3)
+    tr = Trainer(nn.Linear(5, 1), mse, make_loader(Regression(), 4, seed=0), cfg,
+                 eval_fn=eval_fn, callbacks=[sel])  # fmt: skip
+    holder["tr"] = tr
+    tr.fit(stop)
+    return tr, snaps
+
+
+def test_early_stopping_stops_where_the_patience_rule_says(tmp_path):
+    """Scores 1, 3, 3 (a tie is no improvement), 2, 9, …, patience 2: the best is evaluation 1
+    (step 4) and evaluation 3 (step 8) is the second without improvement, so the run stops at
+    step 8 of 20 holding step 4's weights. A run interrupted at step 7 and resumed from its
+    step-6 checkpoint stops at step 8 too: the best (found before the checkpoint and not
+    replayed) comes back with the checkpoint."""
+    scores = [1.0, 3.0, 3.0, 2.0, 9.0, 9.5, 9.7, 9.8, 9.9, 10.0]
+    tr, snaps = _early_stop_run(tmp_path / "a", scores, patience=2)
+    assert tr.step == 8 and tr.should_stop
+    assert tr.selection["step"] == 4 and tr.selection["restored"]
+    for k, v in _params(tr.module).items():
+        assert torch.equal(v, snaps[4][k])
+    _early_stop_run(tmp_path / "b", scores, patience=2, stop=7)
+    again, _ = _early_stop_run(tmp_path / "b", scores, patience=2)
+    assert again.step == 8 and again.selection["step"] == 4
+    for k, v in _params(again.module).items():
+        torch.testing.assert_close(v, snaps[4][k])
+
+
+def test_early_stopping_with_undefined_scores(tmp_path):
+    """Every score NaN, patience 2: ``first_always`` keeps evaluation 0 (step 2) as the best
+    and stops at evaluation 2 (step 6); without it nothing is ever best, counting starts before
+    evaluation 0, and the run stops at evaluation 1 (step 4) keeping its last weights."""
+    nan = [float("nan")] * 6
+    tr, snaps = _early_stop_run(tmp_path / "a", nan, patience=2, first_always=True)
+    assert tr.step == 6 and tr.selection["step"] == 2 and tr.selection["restored"]
+    for k, v in _params(tr.module).items():
+        assert torch.equal(v, snaps[2][k])
+    tr, snaps = _early_stop_run(tmp_path / "b", nan, patience=2)
+    assert tr.step == 4 and not tr.selection["restored"]
+    for k, v in _params(tr.module).items():
+        assert torch.equal(v, snaps[4][k])

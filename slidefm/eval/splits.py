@@ -212,26 +212,3 @@ def load_or_make_splits(
     splits = make_cv_splits(df, stratify_col, n_folds, seeds, val_fraction)
     save_splits(splits, path)
     return splits
-
-
-def probe_splits(
-    df: pd.DataFrame,
-    strata: Sequence,
-    seeds: Sequence[int],
-    out_csv: str | Path,
-    given: str | Path | None = None,
-    n_folds: int = 5,
-) -> pd.DataFrame:
-    """The partitions of a probe run, saved to ``out_csv``: a ``given`` split file (its rows of
-    ``seeds``), the manifest's own ``split`` column (``n_folds == 0``), or patient-grouped
-    folds stratified by ``strata`` (one value per row: the label, or the event indicator)."""
-    sdf = df.assign(_stratum=[str(s) for s in strata])
-    if given:
-        splits = load_splits(given, df["slide_id"].astype(str).tolist())
-        splits = splits[splits["seed"].isin(seeds)].reset_index(drop=True)
-    elif n_folds == 0:
-        splits = splits_from_manifest(sdf, "_stratum", seeds)
-    else:
-        return load_or_make_splits(out_csv, sdf, "_stratum", n_folds, seeds)
-    save_splits(splits, out_csv)
-    return splits

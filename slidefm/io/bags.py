@@ -7,6 +7,8 @@ and a resumed run sees the same augmented batches as an uninterrupted one.
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,67 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from slidefm.io.features import SlideFeatures, check_cohort, read_features
+from slidefm.io.features import SlideFeatures, check_cohort, read_attrs, read_features
 
+log = logging.getLogger(__name__)
 CropSpec = int | tuple[int, int] | None
+
+
+@dataclasses.dataclass
+class Bags:
+    """A cohort's bags: features (N_i, D) float32 and grid (N_i, 2) int64 per slide, held in
+    memory when they fit in ``cache_gb`` (every fold and seed of a protocol run reuses them),
+    else read from disk at each access. ``embeddings`` caches frozen slide-encoder outputs
+    (N_slides, E) per encoder key (``eval.inference.frozen_embeddings``)."""
+
+    paths: list[Path]
+    dim: int
+    attrs: dict[str, Any]
+    cached: list[tuple[np.ndarray, np.ndarray]] | None = None
+    embeddings: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    cached_positions: list[tuple[np.ndarray, float]] | None = None
+
+    @property
+    def slide_ids(self) -> list[str]:
+        return [p.stem for p in self.paths]
+
+    def get(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.cached is not None:
+            return self.cached[j]
+        sf = read_features(self.paths[j])
+        return sf.features.astype(np.float32, copy=False), sf.grid.astype(np.int64)
+
+    def positions(self, j: int) -> tuple[np.ndarray, float]:
+        """(coords (N_j, 2) int64 level-0 px of each tile's top-left corner, patch side in
+        level-0 px) of slide ``j``: what published encoders (absolute positions) read."""
+        if self.cached_positions is not None:
+            return self.cached_positions[j]
+        return slide_positions(read_features(self.paths[j]))
+
+
+def slide_positions(sf: SlideFeatures) -> tuple[np.ndarray, float]:
+    """(level-0 coords (N, 2) int64, patch_size_level0) of a slide's tiles."""
+    return np.asarray(sf.coords, dtype=np.int64), float(sf.attrs.get("patch_size_level0") or 0)
+
+
+def load_bags(paths: Sequence[Path], progress: bool = True, cache_gb: float = 8.0) -> Bags:
+    """Check every feature file (tiles present, one tile encoder for the cohort) and load them
+    into memory when their float32 size is under ``cache_gb``."""
+    from tqdm import tqdm
+
+    shapes = check_cohort(paths)
+    first = read_attrs(paths[0])
+    attrs = {k: first.get(k) for k in ("encoder", "encoder_weights", "target_mpp", "patch_size")}
+    bags = Bags(list(paths), shapes[0][1], attrs)
+    if sum(n * d for n, d in shapes) * 4 / 2**30 <= cache_gb:
+        bar = tqdm(range(len(paths)), desc="reading features", unit="slide", disable=not progress)
+        slides = [read_features(p) for p in (paths[j] for j in bar)]
+        bags.cached = [(sf.features.astype(np.float32, copy=False), sf.grid.astype(np.int64))
+                       for sf in slides]  # fmt: skip
+        bags.cached_positions = [slide_positions(sf) for sf in slides]
+    else:
+        log.info("features exceed %.1f GB: reading them from disk at each access", cache_gb)
+    return bags
 
 
 def list_feature_files(feature_dir: str | Path) -> list[Path]:
@@ -89,20 +149,50 @@ def subsample(n: int, max_tiles: int | None, rng: np.random.Generator) -> np.nda
     return np.sort(rng.choice(n, size=max_tiles, replace=False))
 
 
+def _resolve_files(
+    source: str | Path | Sequence[str | Path], slide_ids: Sequence[str] | None
+) -> list[Path]:
+    """Feature files of a folder (restricted to and ordered by ``slide_ids``) or a file list."""
+    if isinstance(source, str | Path):
+        files = list_feature_files(source)
+        by_id = {p.stem: p for p in files}
+        if slide_ids is not None:
+            missing = [s for s in slide_ids if s not in by_id]
+            if missing:
+                raise FileNotFoundError(
+                    f"{len(missing)} slide(s) have no feature file in {source}: "
+                    f"{', '.join(missing[:5])}; encode them or drop them from the manifest"
+                )
+            files = [by_id[s] for s in slide_ids]
+    else:
+        files = [Path(p) for p in source]
+        missing = [str(p) for p in files if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(f"Feature file(s) not found: {', '.join(missing[:5])}")
+    return files
+
+
 class FeatureBagDataset(Dataset):
     """Slides as bags of tile features: item = {slide_id, features (N, D) float32,
     grid (N, 2) int64 (col, row), label (if labels were given)}.
 
-    feature_dir_or_paths: a folder of ``<slide_id>.h5`` files or a list of files.
+    feature_dir_or_paths: a folder of ``<slide_id>.h5`` files, a list of files, or a cohort's
+    ``Bags`` (its in-memory cache is shared; ``rows`` picks and orders its slides).
     slide_ids: restrict to (and order by) these slides. labels: a mapping slide_id → label or a
     sequence aligned with the slides. crop: window side(s) in grid cells (see
     ``random_grid_crop``). augment: random 90° rotations, flips and feature dropout.
     max_tiles: random subset per item. Call ``set_epoch`` to get new random draws per epoch.
+    center_grid: shift an unaugmented grid so its minimum is (0, 0) (False: level-0 grid as
+    stored, what MIL heads and heatmaps read).
     """
+
+    @staticmethod
+    def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+        return collate_bags(items)
 
     def __init__(
         self,
-        feature_dir_or_paths: str | Path | Sequence[str | Path],
+        feature_dir_or_paths: str | Path | Sequence[str | Path] | Bags,
         slide_ids: Sequence[str] | None = None,
         labels: Mapping[str, Any] | Sequence[Any] | None = None,
         max_tiles: int | None = None,
@@ -111,24 +201,18 @@ class FeatureBagDataset(Dataset):
         seed: int = 0,
         cache: bool = True,
         dropout: float = 0.1,
+        rows: Sequence[int] | None = None,
+        center_grid: bool = True,
     ):
-        if isinstance(feature_dir_or_paths, str | Path):
-            files = list_feature_files(feature_dir_or_paths)
-            by_id = {p.stem: p for p in files}
-            if slide_ids is not None:
-                missing = [s for s in slide_ids if s not in by_id]
-                if missing:
-                    raise FileNotFoundError(
-                        f"{len(missing)} slide(s) have no feature file in {feature_dir_or_paths}: "
-                        f"{', '.join(missing[:5])}; encode them or drop them from the manifest"
-                    )
-                files = [by_id[s] for s in slide_ids]
+        self.store = feature_dir_or_paths if isinstance(feature_dir_or_paths, Bags) else None
+        if self.store is not None:  # checked by load_bags
+            self.rows = np.arange(len(self.store.paths)) if rows is None else np.asarray(rows)
+            files = [self.store.paths[int(j)] for j in self.rows]
+            slide_ids = [self.store.slide_ids[int(j)] for j in self.rows]
         else:
-            files = [Path(p) for p in feature_dir_or_paths]
-            missing = [str(p) for p in files if not p.is_file()]
-            if missing:
-                raise FileNotFoundError(f"Feature file(s) not found: {', '.join(missing[:5])}")
-        check_cohort(files)  # no empty files, one tile encoder; contents checked on read
+            files = _resolve_files(feature_dir_or_paths, slide_ids)
+        if self.store is None:
+            check_cohort(files)  # no empty files, one tile encoder; contents checked on read
         self.paths = files
         self.slide_ids = list(slide_ids) if slide_ids is not None else [p.stem for p in files]
         if len(self.slide_ids) != len(self.paths):
@@ -148,6 +232,7 @@ class FeatureBagDataset(Dataset):
         self.crop = tuple(crop) if isinstance(crop, list) else crop
         self.augment = augment
         self.dropout = dropout
+        self.center_grid = center_grid
         self.seed = seed
         self.epoch = 0
         self.cache = cache
@@ -169,32 +254,60 @@ class FeatureBagDataset(Dataset):
                 self._cache[index] = sf
         return sf
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _positions(self, index: int) -> tuple[np.ndarray, float]:
+        if self.store is not None:
+            return self.store.positions(int(self.rows[index]))
+        return slide_positions(self.slide(index))
+
+    def _arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features (N, D), grid (N, 2) int64) of item ``index``, whole and unaugmented."""
+        if self.store is not None:
+            return self.store.get(int(self.rows[index]))
         sf = self.slide(index)
+        return sf.features, np.asarray(sf.grid, dtype=np.int64)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        features, grid = self._arrays(index)
         rng = item_rng(self.seed, self.epoch, index)
-        grid = np.asarray(sf.grid, dtype=np.int64)
         idx = random_grid_crop(grid, self.crop, rng)
         idx = idx[subsample(len(idx), self.max_tiles, rng)]
-        feats = np.asarray(sf.features[idx], dtype=np.float32)
+        feats = np.asarray(features[idx], dtype=np.float32)
         grid = grid[idx]
         if self.augment:
             grid = rotate_flip_grid(grid, int(rng.integers(4)), bool(rng.integers(2)))
             feats = feature_dropout(feats, self.dropout, rng)
-        elif len(grid):
+        elif len(grid) and self.center_grid:
             grid = grid - grid.min(axis=0, keepdims=True)
+        coords, patch_level0 = self._positions(index)
         item = {
             "slide_id": self.slide_ids[index],
             "features": torch.from_numpy(np.ascontiguousarray(feats)),
             "grid": torch.from_numpy(np.ascontiguousarray(grid)),
+            "coords": torch.from_numpy(np.ascontiguousarray(coords[idx])),
+            "patch_size_level0": patch_level0,
         }
         if self.labels is not None:
-            item["label"] = self.labels[index]
+            label = self.labels[index]
+            item["label"] = label.tolist() if isinstance(label, np.ndarray | np.generic) else label
         return item
+
+
+def bag_rows(
+    bags: Bags, rows: np.ndarray, y: np.ndarray, max_tiles: int | None = None, seed: int = 0
+) -> FeatureBagDataset:
+    """Slides ``rows`` of a cohort with targets ``y[rows]`` (``y``: one per cohort slide), grid
+    as stored: the MIL protocol's train / validation / test bags. ``max_tiles`` draws a random
+    tile subset per (seed, epoch, item) — training augmentation and a memory cap; evaluation
+    passes None and sees every tile."""
+    rows = np.asarray(rows)
+    return FeatureBagDataset(bags, labels=np.asarray(y)[rows], max_tiles=max_tiles, seed=seed,
+                             rows=rows, center_grid=False)  # fmt: skip
 
 
 def collate_bags(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Pad bags to the longest: features [B, Nmax, D] (0 on padding), grid [B, Nmax, 2] long,
-    padding_mask [B, Nmax] bool (True = pad), slide_id list, label tensor when items have one.
+    padding_mask [B, Nmax] bool (True = pad), slide_id list, label tensor when items have one;
+    coords [B, Nmax, 2] long (level-0 px) and patch_size_level0 [B] float64 when items have them.
     """
     b = len(items)
     nmax = max(int(it["features"].shape[0]) for it in items)
@@ -213,6 +326,13 @@ def collate_bags(items: list[dict[str, Any]]) -> dict[str, Any]:
         "padding_mask": pad,
         "slide_id": [it["slide_id"] for it in items],
     }
+    if "coords" in items[0]:
+        coords = torch.zeros(b, nmax, 2, dtype=torch.long)
+        for i, it in enumerate(items):
+            coords[i, : len(it["coords"])] = it["coords"]
+        out["coords"] = coords
+        sizes = [float(it["patch_size_level0"]) for it in items]
+        out["patch_size_level0"] = torch.tensor(sizes, dtype=torch.float64)
     if "label" in items[0]:
         out["label"] = torch.as_tensor([it["label"] for it in items])
     return out

@@ -1,8 +1,9 @@
 """2D ALiBi: a per-head linear penalty on the Euclidean grid distance between two tiles.
 
-TITAN's position encoding. ``alibi_2d_bias`` materialises the whole (P+N)² bias and exists
-for small inputs and as the test oracle; the attention backends call ``alibi_2d_bias_block``
-for one block of query rows at a time, so a slide's N×N bias is never held in memory at once.
+TITAN's position encoding, as an ``AttentionBias`` (``slidefm.models.bias``): the attention
+backends call ``Alibi2DBias.block`` for one block of query rows at a time (or its
+``score_mod`` inside FlexAttention), so a slide's N×N bias is never held in memory at once;
+``alibi_2d_bias`` materialises the whole (P+N)² bias of one slide (small inputs, tests).
 Distances are in grid cells (one cell = one tile), computed in float32 whatever the autocast
 dtype, because bf16 cannot tell distance 200 from 201.
 """
@@ -12,6 +13,8 @@ from __future__ import annotations
 import math
 
 import torch
+
+from slidefm.models.bias import AttentionBias
 
 
 def alibi_slopes(num_heads: int) -> torch.Tensor:
@@ -33,42 +36,66 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def alibi_2d_bias_block(
-    grid: torch.Tensor,
-    slopes: torch.Tensor,
-    q_start: int,
-    q_end: int,
-    num_prefix_tokens: int = 0,
-    key_padding_mask: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Bias rows ``[q_start, q_end)`` of the token sequence (P prefix tokens, then N tiles).
+class Alibi2DBias(AttentionBias):
+    """TITAN's 2D ALiBi: −slope_h · ‖grid_i − grid_j‖₂ between tiles i, j; 0 in every row and
+    column of a prefix (CLS/register) token.
 
-    grid: [B, N, 2] (col, row) grid cells, any integer or float dtype; slopes: [H];
-    key_padding_mask: [B, P+N] bool, True = padded key (bias −inf). Returns float32
-    [B, H, q_end − q_start, P+N] = −slope_h · ‖grid_i − grid_j‖₂ between tiles and 0 in every
-    row and column of a prefix (CLS/register) token.
-    """
-    bsz, n_tiles, _ = grid.shape
-    n_prefix = num_prefix_tokens
-    total = n_prefix + n_tiles
-    heads = slopes.shape[0]
-    g = grid.to(torch.float32)
-    out = torch.empty(bsz, heads, q_end - q_start, total, dtype=torch.float32, device=grid.device)
-    t0 = max(q_start, n_prefix)  # first tile row in the block
-    out[:, :, : t0 - q_start] = 0.0  # prefix rows
-    out[:, :, :, :n_prefix] = 0.0  # prefix columns
-    if t0 < q_end:
-        # Exact pairwise distances (cdist's matmul shortcut would round them): [B, bq_tiles, N].
-        dist = torch.cdist(
-            g[:, t0 - n_prefix : q_end - n_prefix], g, compute_mode="donot_use_mm_for_euclid_dist"
+    grid: [B, N, 2] (col, row) cells, any integer or float dtype; slopes: [H] (computed in
+    float32 whatever the dtype of the model)."""
+
+    name = "alibi2d"
+
+    def __init__(self, grid: torch.Tensor, slopes: torch.Tensor, num_prefix_tokens: int = 0):
+        self.grid = grid.to(torch.float32)
+        self.slopes = slopes.to(device=grid.device, dtype=torch.float32)
+        self.num_prefix_tokens = num_prefix_tokens
+        self._gx = self.grid[..., 0].contiguous()
+        self._gy = self.grid[..., 1].contiguous()
+
+    @classmethod
+    def from_grid(
+        cls, grid: torch.Tensor, num_heads: int, num_prefix_tokens: int = 0
+    ) -> Alibi2DBias:
+        return cls(grid, alibi_slopes(num_heads), num_prefix_tokens)
+
+    def block(self, rows: slice, cols: slice) -> torch.Tensor:
+        """float32 [B, H, len(rows), len(cols)]."""
+        n_prefix = self.num_prefix_tokens
+        bsz = self.grid.shape[0]
+        r0, r1, c0, c1 = rows.start, rows.stop, cols.start, cols.stop
+        out = torch.zeros(
+            bsz, len(self.slopes), r1 - r0, c1 - c0, dtype=torch.float32, device=self.grid.device
         )
-        slopes32 = slopes.to(device=grid.device, dtype=torch.float32)
-        torch.mul(
-            dist[:, None], -slopes32[None, :, None, None], out=out[:, :, t0 - q_start :, n_prefix:]
-        )
-    if key_padding_mask is not None:
-        out.masked_fill_(key_padding_mask[:, None, None, :], float("-inf"))
-    return out
+        t0, u0 = max(r0, n_prefix), max(c0, n_prefix)  # first tile row / column of the tile
+        if t0 < r1 and u0 < c1:
+            # Exact pairwise distances (cdist's matmul shortcut would round them).
+            dist = torch.cdist(
+                self.grid[:, t0 - n_prefix : r1 - n_prefix],
+                self.grid[:, u0 - n_prefix : c1 - n_prefix],
+                compute_mode="donot_use_mm_for_euclid_dist",
+            )
+            torch.mul(
+                dist[:, None],
+                -self.slopes[None, :, None, None],
+                out=out[:, :, t0 - r0 :, u0 - c0 :],
+            )
+        return out
+
+    def score_mod(self, score, b, h, q_idx, kv_idx):
+        n_prefix = self.num_prefix_tokens
+        qt = (q_idx - n_prefix).clamp(min=0)
+        kt = (kv_idx - n_prefix).clamp(min=0)
+        dx = self._gx[b, qt] - self._gx[b, kt]
+        dy = self._gy[b, qt] - self._gy[b, kt]
+        tile = (q_idx >= n_prefix) & (kv_idx >= n_prefix)
+        return score - torch.where(tile, self.slopes[h] * torch.sqrt(dx * dx + dy * dy), 0.0)
+
+    def padded(self, extra: int) -> Alibi2DBias:
+        grid = torch.nn.functional.pad(self.grid, (0, 0, 0, extra))
+        return Alibi2DBias(grid, self.slopes, self.num_prefix_tokens)
+
+    def static_tensors(self) -> tuple[torch.Tensor, ...]:
+        return (self._gx, self._gy)
 
 
 def alibi_2d_bias(grid: torch.Tensor, num_heads: int, num_prefix_tokens: int = 0) -> torch.Tensor:
@@ -77,5 +104,5 @@ def alibi_2d_bias(grid: torch.Tensor, num_heads: int, num_prefix_tokens: int = 0
     grid: [N, 2] (col, row) grid cells. Entry (h, i, j) = −slope_h · ‖grid_i − grid_j‖₂ for
     tiles i, j and 0 when i or j is one of the P prefix tokens.
     """
-    total = num_prefix_tokens + grid.shape[0]
-    return alibi_2d_bias_block(grid[None], alibi_slopes(num_heads), 0, total, num_prefix_tokens)[0]
+    total = slice(0, num_prefix_tokens + grid.shape[0])
+    return Alibi2DBias.from_grid(grid[None], num_heads, num_prefix_tokens).block(total, total)[0]

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -28,9 +29,9 @@ from torch.utils.checkpoint import checkpoint
 from slidefm import __version__
 from slidefm.config import ConfigError, from_dict, load_yaml, resolve_config_path
 from slidefm.io.atomic import atomic_path
-from slidefm.models.alibi import alibi_slopes
-from slidefm.models.attention import BACKENDS, _hi, full_attention
-from slidefm.models.dilated import dilated_attention
+from slidefm.models.attention import BACKENDS, BIASES, FullAttention, _hi
+from slidefm.models.bias import AttentionBias
+from slidefm.models.dilated import DilatedAttention
 from slidefm.models.posenc import sincos_2d
 
 CHECKPOINT_FORMAT = "slidefm.slide_encoder"
@@ -107,42 +108,30 @@ class SlideEncoderConfig:
 class _Context:
     """What every block's attention needs besides x (per forward pass)."""
 
-    grid: torch.Tensor  # [B, N, 2] cells, in the tiles' (possibly reordered) sequence order
+    bias: AttentionBias  # position bias over the P + N tokens (NoBias without ALiBi)
     padding_mask: torch.Tensor | None  # [B, P + N] bool, True = pad
-    slopes: torch.Tensor | None  # [H] ALiBi slopes, None without ALiBi
+
+
+def attention_core(cfg: SlideEncoderConfig) -> FullAttention | DilatedAttention:
+    """The parameter-free attention module of ``cfg`` (q, k, v [B, H, T, Dh] → [B, H, T, Dh])."""
+    if cfg.attention == "dilated":
+        return DilatedAttention(cfg.segment_lengths, cfg.dilation_ratios, cfg.backend)
+    return FullAttention(cfg.backend, cfg.attn_block_size)
 
 
 class _Attention(nn.Module):
     def __init__(self, cfg: SlideEncoderConfig):
         super().__init__()
-        self.cfg = cfg
+        self.num_heads = cfg.num_heads
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=cfg.qkv_bias)
+        self.core = attention_core(cfg)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(self, x: torch.Tensor, ctx: _Context) -> torch.Tensor:
-        cfg = self.cfg
-        bsz, total, d = x.shape
-        qkv = self.qkv(x).view(bsz, total, 3, cfg.num_heads, d // cfg.num_heads)
-        if cfg.attention == "dilated":
-            q, k, v = qkv.unbind(2)  # [B, T, H, Dh]
-            out = dilated_attention(
-                q, k, v, cfg.segment_lengths, cfg.dilation_ratios, ctx.padding_mask, cfg.backend
-            )
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4)  # [B, H, T, Dh]
-            out = full_attention(
-                q,
-                k,
-                v,
-                cfg.backend,
-                grid=ctx.grid,
-                slopes=ctx.slopes,
-                num_prefix_tokens=cfg.num_prefix_tokens,
-                key_padding_mask=ctx.padding_mask,
-                block_size=cfg.attn_block_size,
-            ).transpose(1, 2)
-        return self.drop(self.proj(out.reshape(bsz, total, d)))
+        qkv = rearrange(self.qkv(x), "b t (n h d) -> n b h t d", n=3, h=self.num_heads)
+        out = self.core(*qkv, ctx.bias, ctx.padding_mask)
+        return self.drop(self.proj(rearrange(out, "b h t d -> b t (h d)")))
 
 
 class _Block(nn.Module):
@@ -214,8 +203,8 @@ class SlideEncoder(nn.Module):
         # randomly initialised input projection otherwise turns into a near-constant token.
         self.register_buffer("input_mean", torch.zeros(config.input_dim))
         self.register_buffer("input_std", torch.ones(config.input_dim))
-        slopes = alibi_slopes(config.num_heads) if config.position == "alibi2d" else None
-        self.register_buffer("alibi_slopes", slopes, persistent=False)
+        # The attention bias of each forward pass (2D ALiBi or none; sincos2d is added to x).
+        self.bias_type = BIASES["alibi2d" if config.position == "alibi2d" else "none"]
         self.apply(_init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
         if self.prefix_tokens is not None:
@@ -337,7 +326,8 @@ class SlideEncoder(nn.Module):
         if n_prefix:
             x = torch.cat([self.prefix_tokens.expand(bsz, -1, -1).to(x.dtype), x], dim=1)
         full_pad = F.pad(pad, (n_prefix, 0), value=False) if pad is not None else None
-        ctx = _Context(grid=grid, padding_mask=full_pad, slopes=self.alibi_slopes)
+        bias = self.bias_type.from_grid(grid, cfg.num_heads, n_prefix)
+        ctx = _Context(bias=bias, padding_mask=full_pad)
         use_ckpt = cfg.grad_checkpointing and self.training and torch.is_grad_enabled()
         for blk in self.blocks:
             x = checkpoint(blk, x, ctx, use_reentrant=False) if use_ckpt else blk(x, ctx)

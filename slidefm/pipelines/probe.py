@@ -15,160 +15,36 @@ PNGs, ``predictions.csv``, ``fewshot.csv`` (every draw) + ``fewshot_summary.csv`
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-import numpy as np
-
-import slidefm
 from slidefm.options import SLIDE_LEVEL_RISK, add_slide_level_only
-
-if TYPE_CHECKING:  # heavy modules load inside run() (`slidefm --help` stays fast)
-    import pandas as pd
-
-PROBES = ("linear", "knn", "fewshot")
-
-
-def align_embeddings(df: pd.DataFrame, slide_ids: list[str], emb: np.ndarray) -> np.ndarray:
-    """Rows of ``emb`` in manifest order; a manifest slide without an embedding is an error."""
-    from slidefm.io.manifest import ManifestError
-
-    pos = {str(s): i for i, s in enumerate(slide_ids)}
-    missing = [s for s in df["slide_id"].astype(str) if s not in pos]
-    if missing:
-        more = f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise ManifestError(
-            f"{len(missing)} manifest slide(s) have no embedding: {', '.join(missing[:5])}{more}; run `slidefm embed-slides` on them or drop them"
-        )
-    return np.asarray(emb, dtype=np.float64)[[pos[s] for s in df["slide_id"].astype(str)]]
 
 
 def run(args: argparse.Namespace) -> int:
-    import pandas as pd
-    from tqdm import tqdm
+    import numpy as np
 
-    from slidefm.eval.probes import FEW_SHOT_KS, few_shot, knn_probe, linear_probe, mean_sd
-    from slidefm.eval.report import (
-        evaluate_predictions,
-        format_summary,
-        write_csv,
-        write_json,
-        write_report,
-    )
-    from slidefm.eval.splits import fold_indices, probe_splits
-    from slidefm.eval.targets import (
-        aggregate_patients,
-        check_class_sizes,
-        encode_targets,
-        make_task,
-        prediction_frame,
-    )
-    from slidefm.io.embeddings import read_embeddings
-    from slidefm.io.manifest import read_cohort_manifest, strip_labels
+    from slidefm.eval.probe_cv import ProbeRun, probe_classification, probe_survival
+    from slidefm.eval.report import format_summary
 
-    if getattr(args, "task", "classification") == "survival":
-        from slidefm.pipelines.probe_survival import run_survival_probe
-
-        return run_survival_probe(args)
-    if not args.label:
-        raise ValueError("probe needs --label COL (or --task survival --time COL --event COL)")
-
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    probes = [p.strip() for p in args.probes.split(",") if p.strip()]
-    unknown = sorted(set(probes) - set(PROBES))
-    if unknown:
-        raise ValueError(f"Unknown probe(s) {unknown}; choose from {', '.join(PROBES)}")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    shots = [int(s) for s in args.shots.split(",")] if args.shots else list(FEW_SHOT_KS)
-    df = strip_labels(read_cohort_manifest(args.manifest, args.slide_level_only), [args.label])
-    task = make_task(df, [args.label])
-    check_class_sizes(df, task)
-    y = encode_targets(df, task)
-    ids, emb, emb_attrs = read_embeddings(args.embeddings)
-    x = align_embeddings(df, list(ids), emb)
-    splits = probe_splits(df, df[args.label], seeds, out / "splits.csv", args.splits, args.folds)
-    pos = {s: i for i, s in enumerate(df["slide_id"].astype(str))}
-    rows: dict[str, list[pd.DataFrame]] = {"linear": [], "knn": []}
-    fs_rows, chosen_c = [], []
-    groups = list(splits.groupby(["seed", "fold"], sort=True))
-    for (seed, fold), part in tqdm(groups, desc="probing", unit="fold", disable=args.no_progress):
-        idx = fold_indices(part, pos)
-        trval = np.concatenate([idx["train"], idx["val"]])
-        test, y_test = df.iloc[idx["test"]], y[idx["test"]]
-        if "linear" in probes:
-            res = linear_probe(
-                x[idx["train"]],
-                y[idx["train"]],
-                x[idx["val"]],
-                y[idx["val"]],
-                x[idx["test"]],
-                task.num_classes,
-                seed=int(seed),
-            )
-            chosen_c.append({"seed": int(seed), "fold": int(fold), "C": res.best_c})
-            rows["linear"].append(prediction_frame(test, y_test, task, seed, fold, res.proba))
-        if "knn" in probes:
-            proba = knn_probe(x[trval], y[trval], x[idx["test"]], task.num_classes, k=args.k)
-            rows["knn"].append(prediction_frame(test, y_test, task, seed, fold, proba))
-        if "fewshot" in probes:
-            fs = few_shot(
-                x[trval],
-                y[trval],
-                x[idx["test"]],
-                y_test,
-                task.num_classes,
-                shots,
-                args.draws,
-                seed=int(seed) * 1000 + int(fold),
-            )
-            fs_rows.append(fs.assign(seed=int(seed), fold=int(fold)))
-    meta = {
-        "command": "probe",
-        "random_weights": str(emb_attrs.get("checkpoint_sha256", "")) == "random",
-        "embeddings": str(args.embeddings),
-        "embedding_attrs": {k: str(v) for k, v in emb_attrs.items()},
-        "task": task.to_dict(),
-        "seeds": seeds,
-        "seed": args.seed,
-        "slide_level_only": bool(args.slide_level_only),
-        "slidefm_version": slidefm.__version__,
-    }
-    summary: dict = {**meta, "probes": {}}
-    all_preds = []
-    for name in ("linear", "knn"):
-        if not rows[name]:
-            continue
-        preds = pd.concat(rows[name], ignore_index=True)
-        all_preds.append(preds.assign(probe=name))
-        scored = aggregate_patients(preds, task) if args.patient_level else preds
-        result = evaluate_predictions(scored, task, n_boot=args.n_boot, seed=args.seed)
-        extra = {"probe": name, "level": "patient" if args.patient_level else "slide"}
-        if name == "linear":
-            extra["chosen_C"] = chosen_c
-        if name == "knn":
-            extra["k"] = args.k
-        write_report(out, scored, task, result, {**meta, **extra}, prefix=f"{name}_")
-        summary["probes"][name] = result["summary"]
-        print(f"[{name}]")
+    ints = lambda s: tuple(int(v) for v in s.split(","))  # noqa: E731
+    run = ProbeRun(args.embeddings, args.manifest, args.out, args.label,
+                   tuple(p.strip() for p in args.probes.split(",") if p.strip()), ints(args.seeds),
+                   args.folds, args.splits, args.k, ints(args.shots) if args.shots else None,
+                   args.draws, args.n_boot, args.patient_level, args.slide_level_only, args.seed,
+                   not args.no_progress, args.time, args.event, args.horizons)  # fmt: skip
+    if args.task == "survival":
+        result, meta = probe_survival(run)
+        print(f"[cox] {result['n_slides_or_patients']} patients, {result['n_events']} events")
         print(format_summary(result))
-    if all_preds:
-        write_csv(pd.concat(all_preds, ignore_index=True), out / "predictions.csv")
-    if fs_rows:
-        fs = pd.concat(fs_rows, ignore_index=True)
-        write_csv(fs, out / "fewshot.csv")
-        fs_sum = mean_sd(fs, ["k"])
-        write_csv(fs_sum, out / "fewshot_summary.csv")
-        summary["probes"]["fewshot"] = fs_sum.to_dict(orient="records")
-        print("[fewshot] (mean ± sd over draws × folds × seeds)")
-        for r in fs_sum.itertuples():
-            print(
-                f"  k={r.k:>2}: AUROC {r.auroc_mean:.3f} ± {r.auroc_sd:.3f}   balanced acc {r.balanced_accuracy_mean:.3f} ± {r.balanced_accuracy_sd:.3f}   (n={r.n})"
-            )
-    write_json(summary, out / "summary.json")
+        for s in result["per_seed"]:
+            print(f"  seed {s['seed']}: median-split log-rank p = {s['logrank_p']:.3g}")
+        if meta["random_weights"]:
+            print("NOTE: these embeddings come from a RANDOMLY INITIALISED slide encoder")
+        return int(np.isnan(result["summary"]["c_index"]["value"]))
+    summary, lines = probe_classification(run)
+    print("\n".join(lines))
     if args.slide_level_only:
         print(f"NOTE: --slide-level-only: {SLIDE_LEVEL_RISK}")
-    if str(emb_attrs.get("checkpoint_sha256", "")) == "random":
+    if summary["random_weights"]:
         print("NOTE: these embeddings come from a RANDOMLY INITIALISED slide encoder")
     return 0
 

@@ -1,5 +1,5 @@
 """``slidefm probe-tiles``: the command line (light: nothing heavy is imported until it
-runs). The implementation is ``slidefm.pipelines.tile_probes``."""
+runs). The implementation is ``slidefm.eval.tile_probes``."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slidefm.pipelines.tile_probes import run_probe_tiles
+    from slidefm.eval.tile_probes import run_probe_tiles
 
     feats = {}
     for item in args.features:

@@ -8,6 +8,10 @@ uninterrupted run when the data comes from ``slidefm.train.data.make_loader``.
 
 ``loss_fn(model, batch) -> (loss, {name: float})`` must call ``model(...)`` (the forward), not
 another method, so DDP can synchronise gradients.
+
+Model selection and early stopping are ``Callback`` objects (``ModelSelection``): they see
+every evaluation, keep the best weights, may ask the loop to stop, and their state travels in
+the checkpoint, so a resumed run selects and stops exactly like an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -177,6 +181,140 @@ def latest_checkpoint(ckpt_dir: str | Path) -> Path | None:
     return found[0] if found else None
 
 
+class Callback:
+    """Hooks of ``Trainer.fit``. ``on_evaluate`` runs on rank 0 after each evaluation (it may
+    set ``trainer.should_stop``); ``on_fit_end`` on every rank when the run finished or
+    stopped. ``state_dict``/``load_state_dict`` travel in the training checkpoint."""
+
+    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        pass
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+class ModelSelection(Callback):
+    """Best-model selection, and with ``patience`` early stopping, as one rule.
+
+    ``score(metrics)`` maps an evaluation to a number to maximise (None: not scored). An
+    evaluation is the new best when its score is finite and strictly greater than the best so
+    far (``first_always``: the first scored evaluation is the best even if not finite); its
+    weights go to ``path`` as ``{"model", **best}``. With ``patience``, the run stops once
+    ``patience`` scored evaluations have passed since the best one. At the end the best weights
+    are loaded into the model (``trainer.selection`` says which). ``history_path`` (optional)
+    gets {best_score, best_epoch, best_metrics, history} after every evaluation, for people.
+    """
+
+    def __init__(
+        self,
+        score: Callable[[dict[str, float]], float | None],
+        path: str | Path,
+        patience: int | None = None,
+        history_path: str | Path | None = None,
+        first_always: bool = False,
+        describe: dict[str, Any] | None = None,
+    ):
+        self.score, self.path, self.patience = score, Path(path), patience
+        self.history_path = None if history_path is None else Path(history_path)
+        self.first_always = first_always
+        self.describe = dict(describe or {})  # e.g. {"metric", "mode"}: copied into best
+        self.best: dict[str, Any] | None = None  # {score, step, index, metrics}
+        self.history: list[dict[str, Any]] = []  # {index, step, score, **metrics}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "history": self.history}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best, self.history = state.get("best"), list(state.get("history", []))
+
+    def _is_better(self, value: float) -> bool:
+        if self.best is None:
+            return self.first_always or math.isfinite(value)
+        return math.isfinite(value) and value > self.best["score"]
+
+    def on_evaluate(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        value = self.score(metrics)
+        if value is None:
+            return
+        index = len(self.history)
+        self.history.append({"index": index, "step": trainer.step, "score": value, **metrics})
+        if self._is_better(float(value)):
+            self.best = {"score": float(value), "step": trainer.step, "index": index,
+                         "metrics": {k: float(v) for k, v in metrics.items()}}  # fmt: skip
+            with atomic_path(self.path) as tmp:
+                torch.save({"model": trainer.module.state_dict(), "step": trainer.step}, tmp)
+        if self.history_path is not None:
+            self._write_history()
+        best_index = -1 if self.best is None else self.best["index"]
+        if self.patience is not None and index - best_index >= self.patience:
+            trainer.should_stop = True
+
+    def _write_history(self) -> None:
+        import json
+
+        best = self.best or {}
+        doc = {"best_score": best.get("score"), "best_epoch": best.get("index", -1),
+               "best_metrics": best.get("metrics", {}),
+               "history": [{"epoch": h["index"], **{k: v for k, v in h.items() if k != "index"}}
+                           for h in self.history]}  # fmt: skip
+        with atomic_path(self.history_path) as tmp:
+            tmp.write_text(json.dumps(doc, indent=2))
+
+    def on_fit_end(self, trainer: Trainer) -> None:
+        trainer.selection = self.restore(trainer)
+
+    def restore(self, trainer: Trainer) -> dict[str, Any]:
+        """Load the selected weights into the model; returns what was selected.
+
+        {**describe, "value", "step", "last_step", "restored"} (``value``: see ``value``): ``restored`` is False (and the
+        last weights are kept, with a warning) when no evaluation was ever scored.
+        """
+        sel: dict[str, Any] = {**self.describe, "last_step": trainer.step}
+        if trainer.world > 1:
+            dist.barrier()  # rank 0 wrote the weights
+        if self.best is None or not self.path.is_file():
+            log.warning(
+                "%s was never evaluated (no validation data?): keeping the weights of the "
+                "last step %d",
+                f"select_metric {self.describe['metric']!r}" if "metric" in self.describe
+                else "the selection score",
+                trainer.step,
+            )  # fmt: skip
+            return {**sel, "value": None, "step": trainer.step, "restored": False}
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state["step"] != self.best["step"]:
+            raise RuntimeError(
+                f"{self.path} holds step {state['step']} but the best evaluation was at step "
+                f"{self.best['step']}; the run folder was modified, re-run with a new --out"
+            )
+        trainer.module.load_state_dict(state["model"])
+        log.info("kept the weights of step %d (best score %.4g) of %d steps",
+                 self.best["step"], self.best["score"], trainer.step)  # fmt: skip
+        return {**sel, "value": self.value(), "step": self.best["step"], "restored": True}
+
+    def value(self) -> float | None:
+        """The best evaluation's value: its ``describe["metric"]`` (as logged), else its score."""
+        if self.best is None:
+            return None
+        return self.best["metrics"].get(self.describe.get("metric", ""), self.best["score"])
+
+
+def select_metric_callback(cfg: TrainConfig, path: Path) -> ModelSelection:
+    """``TrainConfig.select_metric``/``select_mode`` as a ``ModelSelection`` (no patience)."""
+    name, sign = cfg.select_metric, (-1.0 if cfg.select_mode == "min" else 1.0)
+    return ModelSelection(
+        lambda m: sign * float(m[name]) if name in m else None,
+        path,
+        describe={"metric": name, "mode": cfg.select_mode},
+    )
+
+
 class Trainer:
     """Runs ``cfg.max_steps`` optimizer steps of ``loss_fn`` over ``data``.
 
@@ -184,6 +322,8 @@ class Trainer:
     batches without loading them) or a factory ``epoch -> iterable of batches``.
     eval_fn(model) -> {name: float} runs on rank 0 every ``eval_every`` steps and at the end.
     hooks: (every, fn(trainer) -> {name: float}) for extra logging such as RankMe.
+    callbacks: ``Callback`` objects (model selection, early stopping); ``cfg.select_metric``
+    adds a ``ModelSelection`` of its own.
     A model with ``on_optimizer_step(step, max_steps)`` (e.g. an EMA teacher) is called after
     every optimizer step. Eval and hooks run under a forked RNG, so they never change training.
     """
@@ -199,6 +339,7 @@ class Trainer:
         hooks: Sequence[tuple[int, Hook]] = (),
         title: str = "",
         note: str = "",
+        callbacks: Sequence[Callback] = (),
     ):
         if cfg.accum_steps < 1 or cfg.max_steps < 1:
             raise ValueError("accum_steps and max_steps must be >= 1")
@@ -240,8 +381,11 @@ class Trainer:
         self.rows: list[dict[str, Any]] = []
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_dir = self.out_dir / "checkpoints"
-        # {"metric", "mode", "value", "step"} of the best evaluation so far (select_metric).
-        self.best: dict[str, Any] | None = None
+        self.callbacks = list(callbacks)
+        self._select = select_metric_callback(cfg, self.best_path) if cfg.select_metric else None
+        if self._select is not None:
+            self.callbacks.insert(0, self._select)
+        self.should_stop = False  # set by a callback (early stopping): fit() ends after this step
         self.selection: dict[str, Any] | None = None  # set by fit() when a finished run selects
 
     # ----------------------------------------------------------------- data
@@ -281,7 +425,8 @@ class Trainer:
             "world_size": self.world,
             "train_config": dataclasses.asdict(self.cfg),
             "metrics": self.rows,
-            "best": self.best,
+            "callbacks": [cb.state_dict() for cb in self.callbacks],
+            "stopped": self.should_stop,
         }
 
     def save_checkpoint(self) -> Path | None:
@@ -311,7 +456,7 @@ class Trainer:
         self.scaler.load_state_dict(state["scaler"])
         self.step, self.epoch, self.batch_idx = state["step"], state["epoch"], state["batch_idx"]
         self.rows = [r for r in state["metrics"] if r["step"] <= self.step]
-        self.best = state.get("best")
+        self._load_callbacks(state)
         if state["world_size"] == self.world:
             set_rng_state(state["rng"][self.rank])
         else:
@@ -353,82 +498,33 @@ class Trainer:
             raise FileNotFoundError(f"resume checkpoint {r} not found")
         return Path(r)
 
-    # ------------------------------------------------------------ selection
+    # ------------------------------------------------------------ callbacks
     @property
     def best_path(self) -> Path:
         return self.ckpt_dir / BEST_CKPT
 
-    def _is_better(self, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        if self.best is None:
-            return True
-        return (
-            value < self.best["value"]
-            if self.cfg.select_mode == "min"
-            else value > self.best["value"]
-        )
+    def _load_callbacks(self, state: dict[str, Any]) -> None:
+        """Callback states of a checkpoint; one written before callbacks (``best`` only) gives
+        its select_metric best to the ``ModelSelection`` of ``cfg.select_metric``."""
+        self.should_stop = bool(state.get("stopped", False))
+        saved = state.get("callbacks")
+        if saved is not None and len(saved) == len(self.callbacks):
+            for cb, st in zip(self.callbacks, saved):
+                cb.load_state_dict(st)
+        elif state.get("best") and self._select is not None:
+            old = state["best"]
+            sign = -1.0 if old["mode"] == "min" else 1.0
+            self._select.best = {"score": sign * old["value"], "step": old["step"], "index": 0,
+                                 "metrics": {old["metric"]: old["value"]}}  # fmt: skip
 
-    def _update_best(self) -> None:
-        """After an eval: if ``select_metric`` improved, save this step's weights as best.pt.
-
-        A resumed run replays the steps after its checkpoint exactly, so an improvement it had
-        already saved (after the checkpoint) is re-found and re-saved with the same weights.
-        """
-        name = self.cfg.select_metric
-        row = self.rows[-1] if self.rows and self.rows[-1]["step"] == self.step else {}
-        if not name or name not in row or not self._is_better(float(row[name])):
-            return
-        self.best = {
-            "metric": name,
-            "mode": self.cfg.select_mode,
-            "value": float(row[name]),
-            "step": self.step,
-        }
-        if self.is_main:
-            with atomic_path(self.best_path) as tmp:
-                torch.save({"model": self.module.state_dict(), **self.best}, tmp)
-
-    def _sync_best(self) -> None:
-        """Eval runs on rank 0 only: every rank takes rank 0's view of the best step."""
-        if self.world > 1:
-            obj = [self.best]
+    def _sync_callbacks(self) -> None:
+        """Evaluations run on rank 0 only: every rank takes rank 0's callback states and stop."""
+        if self.world > 1 and self.callbacks:
+            obj = [([cb.state_dict() for cb in self.callbacks], self.should_stop)]
             dist.broadcast_object_list(obj, src=0)
-            self.best = obj[0]
-
-    def restore_best(self) -> dict[str, Any]:
-        """Load the selected step's weights into the model; returns what was selected.
-
-        {"metric", "mode", "value", "step", "last_step", "restored"}: ``restored`` is False
-        (and the last weights are kept, with a warning) when the metric was never evaluated.
-        """
-        name = self.cfg.select_metric
-        sel: dict[str, Any] = {"metric": name, "mode": self.cfg.select_mode, "last_step": self.step}
-        if self.world > 1:
-            dist.barrier()  # rank 0 wrote best.pt
-        if self.best is None or not self.best_path.is_file():
-            log.warning(
-                "select_metric %r was never evaluated (no validation data?): keeping the "
-                "weights of the last step %d",
-                name,
-                self.step,
-            )
-            return {**sel, "value": None, "step": self.step, "restored": False}
-        state = torch.load(self.best_path, map_location="cpu", weights_only=True)
-        if state["step"] != self.best["step"]:
-            raise RuntimeError(
-                f"{self.best_path} holds step {state['step']} but the best {name} was at step "
-                f"{self.best['step']}; the run folder was modified, re-run with a new --out"
-            )
-        self.module.load_state_dict(state["model"])
-        log.info(
-            "kept the weights of step %d (best %s %.4g) of %d steps",
-            self.best["step"],
-            name,
-            self.best["value"],
-            self.step,
-        )
-        return {**sel, **self.best, "restored": True}
+            states, self.should_stop = obj[0]
+            for cb, st in zip(self.callbacks, states):
+                cb.load_state_dict(st)
 
     # -------------------------------------------------------------- logging
     def _row(self, step: int) -> dict[str, Any]:
@@ -477,17 +573,19 @@ class Trainer:
         window.clear()
         pbar.set_postfix(loss=f"{row['loss']:.4g}", lr=f"{row['lr']:.2e}")
 
-    def _run_side(self, fn: Callable[[], dict[str, float]]) -> None:
+    def _run_side(self, fn: Callable[[], dict[str, float]]) -> dict[str, float]:
         """Eval / hook on rank 0 with the model in eval mode and the training RNG untouched."""
         if not self.is_main:
-            return
+            return {}
         was_training = self.module.training
         self.module.eval()
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), torch.no_grad():
             out = fn()
         self.module.train(was_training)
-        self._row(self.step).update({k: float(v) for k, v in (out or {}).items()})
+        metrics = {k: float(v) for k, v in (out or {}).items()}
+        self._row(self.step).update(metrics)
+        return metrics
 
     # ----------------------------------------------------------------- step
     def _optimizer_step(self) -> float:
@@ -524,7 +622,7 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
-        while self.step < target:
+        while self.step < target and not self.should_stop:
             n_batches = 0
             for batch in self._epoch_batches(self.epoch, self.batch_idx):
                 n_batches += 1
@@ -550,7 +648,7 @@ class Trainer:
                 if hook is not None:
                     hook(self.step, cfg.max_steps)
                 self._after_step(window, pbar)
-                if self.step >= target:
+                if self.step >= target or self.should_stop:
                     break
             else:
                 if n_batches == 0 and self.batch_idx == 0:
@@ -560,10 +658,16 @@ class Trainer:
                 continue
             break
         pbar.close()
-        if self.cfg.select_metric and self.step >= cfg.max_steps:
-            self.selection = self.restore_best()
-        self.write_metrics()
+        self._finish()
         return self.rows
+
+    def _finish(self) -> None:
+        """End of fit(): a finished or stopped run gives its callbacks ``on_fit_end`` (model
+        selection loads the kept weights), then the metrics are written."""
+        if self.step >= self.cfg.max_steps or self.should_stop:
+            for cb in self.callbacks:
+                cb.on_fit_end(self)
+        self.write_metrics()
 
     def _after_step(self, window: dict[str, list], pbar: tqdm) -> None:
         cfg, s = self.cfg, self.step
@@ -572,14 +676,15 @@ class Trainer:
         if s % max(1, cfg.log_every) == 0 or final:
             self._log(window, pbar)
         if self.eval_fn is not None and ((cfg.eval_every and s % cfg.eval_every == 0) or final):
-            self._run_side(lambda: self.eval_fn(self.module))
-            if cfg.select_metric:
-                self._update_best()
-                self._sync_best()
+            metrics = self._run_side(lambda: self.eval_fn(self.module))
+            if self.is_main:
+                for cb in self.callbacks:
+                    cb.on_evaluate(self, metrics)
+            self._sync_callbacks()
         for every, fn in self.hooks:
             if s % every == 0 or final:
                 self._run_side(lambda fn=fn: fn(self))
-        if (cfg.ckpt_every and s % cfg.ckpt_every == 0) or final:
+        if (cfg.ckpt_every and s % cfg.ckpt_every == 0) or final or self.should_stop:
             self.save_checkpoint()
             self.write_metrics()
 

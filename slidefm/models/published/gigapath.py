@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
-from slidefm.models.dilated import dilated_attention
+from slidefm.models.dilated import DilatedAttention
 from slidefm.models.posenc import sincos_2d
 from slidefm.models.published.base import PublishedSlideEncoder
 
@@ -34,28 +35,21 @@ DILATION_RATIOS = (1, 2, 4, 8, 16)
 class _DilatedSelfAttention(nn.Module):
     def __init__(self, dim: int, heads: int, eps: float, segments, dilations, backend: str):
         super().__init__()
-        self.heads, self.segments, self.dilations, self.backend = (
-            heads,
-            segments,
-            dilations,
-            backend,
-        )
+        self.heads = heads
         self.k_proj = nn.Linear(dim, dim)
         self.v_proj = nn.Linear(dim, dim)
         self.q_proj = nn.Linear(dim, dim)
         self.out_proj = nn.Linear(dim, dim)
         self.inner_attn_ln = nn.LayerNorm(dim, eps=eps)
+        self.core = DilatedAttention(segments, dilations, backend, padding="torchscale")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        bsz, n, d = x.shape
         q, k, v = (
-            p(x).view(bsz, n, self.heads, d // self.heads)
+            rearrange(p(x), "b n (h d) -> b h n d", h=self.heads)
             for p in (self.q_proj, self.k_proj, self.v_proj)
         )
-        out = dilated_attention(
-            q, k, v, self.segments, self.dilations, None, self.backend, padding="torchscale"
-        )
-        return self.out_proj(self.inner_attn_ln(out.reshape(bsz, n, d)))
+        out = rearrange(self.core(q, k, v), "b h n d -> b n (h d)")
+        return self.out_proj(self.inner_attn_ln(out))
 
 
 class _FFN(nn.Module):

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slidefm.models.alibi import alibi_slopes
+from slidefm.models.alibi import Alibi2DBias
 from slidefm.models.published.base import PublishedSlideEncoder
 from slidefm.models.slide_encoder import SlideEncoderConfig, _Block, _Context
 
@@ -108,7 +108,6 @@ class TitanSlideEncoder(PublishedSlideEncoder):
         self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
         self.attn_pool = _AttentionalPooler(embed_dim, pool_queries, pool_heads)
         self.attn_pool_contrastive = _AttentionalPooler(embed_dim, 1, pool_heads)
-        self.register_buffer("alibi_slopes", alibi_slopes(num_heads), persistent=False)
         for p in (self.cls_token, self.attn_pool.query, self.attn_pool_contrastive.query):
             nn.init.normal_(p, std=0.02)  # only seen with weights="random"
         nn.init.normal_(self.proj, std=embed_dim**-0.5)
@@ -121,7 +120,8 @@ class TitanSlideEncoder(PublishedSlideEncoder):
         feats, grid = titan_tokens(features, coords, patch_size_level0)
         x = self.patch_embed(feats[None])
         x = torch.cat([self.cls_token.to(x.dtype), x], dim=1)
-        ctx = _Context(grid=grid[None], padding_mask=None, slopes=self.alibi_slopes.float())
+        bias = Alibi2DBias.from_grid(grid[None], self.block_config.num_heads, num_prefix_tokens=1)
+        ctx = _Context(bias=bias, padding_mask=None)
         for blk in self.blocks:
             x = blk(x, ctx)
         return self.norm(x)

@@ -1,11 +1,11 @@
-"""Implementation of ``slidefm probe-tiles`` (CLI: ``probe_tiles.py``): eva-style tile-level probes of one or more tile encoders.
+"""``slidefm probe-tiles`` (CLI: ``pipelines/probe_tiles.py``): eva-style tile-level probes of one or more tile encoders.
 
 Features of labelled tiles (``encode-slides`` files joined with a label table on the tiles'
 level-0 top-left (x, y), e.g. the synthetic cohort's ``cells.csv``) → linear probe (C chosen on
 validation), cosine kNN (k = 20) and few-shot prototype probes (k shots per class, many
 draws). Tiles are split by patient (``case_id``: a patient's tiles never cross splits), with
 the SAME splits per seed for every encoder, so the encoders' balanced accuracies (mean ± sd
-over seeds) compare like for like.
+over seeds) compare like for like (``eval.protocol.patient_split``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import pandas as pd
 
 from slidefm.eval.metrics import balanced_accuracy
 from slidefm.eval.probes import few_shot, knn_probe, linear_probe
+from slidefm.eval.protocol import patient_split
 from slidefm.io.atomic import atomic_path
 from slidefm.io.features import read_attrs, read_features
 from slidefm.io.manifest import read_manifest
@@ -41,25 +42,6 @@ def labelled_features(
         xs.append(sf.features[np.array(idx)[keep]])
         rows.append(lab[keep][["slide_id", "case_id", "x", "y", label_column]])
     return np.concatenate(xs).astype(np.float32), pd.concat(rows, ignore_index=True)
-
-
-def patient_split(cases: np.ndarray, seed: int, fractions=(0.5, 0.2, 0.3)) -> np.ndarray:
-    """'train' / 'val' / 'test' per element of ``cases`` from a seeded permutation of the
-    unique patients (same seed → same split for every encoder)."""
-    uniq = np.unique(cases)
-    if len(uniq) < 3:
-        raise ValueError(f"tile probes need ≥ 3 patients (train/val/test), got {len(uniq)}")
-    perm = np.random.default_rng(seed).permutation(len(uniq))
-    n_va = max(1, round(fractions[1] * len(uniq)))
-    n_te = max(1, round(fractions[2] * len(uniq)))
-    n_tr = max(1, len(uniq) - n_va - n_te)
-    part = np.empty(len(uniq), dtype=object)
-    part[perm[:n_tr]], part[perm[n_tr : n_tr + n_va]], part[perm[n_tr + n_va :]] = (
-        "train",
-        "val",
-        "test",
-    )
-    return part[np.searchsorted(uniq, cases)]
 
 
 def probe_encoder(
@@ -92,6 +74,23 @@ def probe_encoder(
                 {"seed": seed, "probe": f"{k}shot", "bacc": float(g["balanced_accuracy"].mean())}
             )
     return pd.DataFrame(rows)
+
+
+def _encoder_summary(folder: str, first_slide: str, n_tiles: int, table: pd.DataFrame) -> dict:
+    """One encoder's entry of summary.json: its features, weights and mean ± sd per probe."""
+    weights = read_attrs(Path(folder) / f"{first_slide}.h5").get("encoder_weights")
+    return {
+        "features": str(folder),
+        "encoder_weights": weights,
+        "n_tiles": int(n_tiles),
+        **{
+            p: {
+                "mean": float(g["bacc"].mean()),
+                "sd": float(g["bacc"].std(ddof=1)) if len(g) > 1 else 0.0,
+            }
+            for p, g in table.groupby("probe", sort=False)
+        },
+    }
 
 
 def run_probe_tiles(
@@ -133,19 +132,7 @@ def run_probe_tiles(
         df = probe_encoder(x, y, rows["case_id"].astype(str).to_numpy(), list(seeds), shots)
         df.insert(0, "encoder", name)
         tables.append(df)
-        weights = read_attrs(Path(folder) / f"{rows['slide_id'].iloc[0]}.h5").get("encoder_weights")
-        summary[name] = {
-            "features": str(folder),
-            "encoder_weights": weights,
-            "n_tiles": int(len(y)),
-            **{
-                p: {
-                    "mean": float(g["bacc"].mean()),
-                    "sd": float(g["bacc"].std(ddof=1)) if len(g) > 1 else 0.0,
-                }
-                for p, g in df.groupby("probe", sort=False)
-            },
-        }
+        summary[name] = _encoder_summary(folder, rows["slide_id"].iloc[0], len(y), df)
     table = pd.concat(tables, ignore_index=True)
     with atomic_path(out / "tile_probes.csv") as tmp:
         table.to_csv(tmp, index=False)

@@ -1,0 +1,100 @@
+"""A published slide encoder behind slidefm's bag interface, so MIL heads and alignment can
+use Prov-GigaPath / TITAN / CHIEF like one of slidefm's own encoders.
+
+slidefm's encoders take padded batches ``(features [B, N, D], grid [B, N, 2], padding_mask)``;
+the published ones take one slide at a time with *level-0 coordinates* (GigaPath's positions
+are absolute 256-px cells, which a relative grid cannot give back). The adapter therefore runs
+the published ``embed_one`` slide by slide on the unpadded rows, with the coords and patch size
+the bag batch carries (``collate_bags`` pads ``coords`` like the features). No ``no_grad``:
+the same module is frozen (MIL head on fixed embeddings) or fine-tuned.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from slidefm.models.published.base import PublishedSlideEncoder
+
+
+class PublishedBagEncoder(nn.Module):
+    """``encoder(features, grid, padding_mask, coords=, patch_size_level0=) -> [B, E]``.
+
+    features: [B, N, D]; grid: [B, N, 2] (unused: positions come from ``coords``);
+    padding_mask: [B, N] bool, True = padded row; coords: [B, N, 2] level-0 px (x, y) of each
+    tile's top-left corner; patch_size_level0: [B] or a float, tile side in level-0 px.
+    ``readout``: one of the published model's single-vector readouts (default: its first).
+    """
+
+    needs_coords = True
+
+    def __init__(self, published: PublishedSlideEncoder, readout: str | None = None):
+        super().__init__()
+        self.published = published
+        self.readout = published.check_readout(readout)
+        if self.readout in published.all_layer_readouts:
+            raise ValueError(
+                f"readout {self.readout!r} returns one embedding per layer; a bag encoder needs "
+                f"one per slide: choose one of {', '.join(_single(published))}"
+            )
+        self.input_dim = published.input_dim
+        entry = getattr(published, "registry_entry", None)
+        self.embed_dim = published.embed_dim  # the readout's width (CHIEF: input_dim)
+        self.name = entry.name if entry is not None else type(published).__name__
+        self.weights_id = getattr(published, "weights_id", "unknown")
+        self.registry_entry = entry
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        grid: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        coords: torch.Tensor | None = None,
+        patch_size_level0: torch.Tensor | float | None = None,
+    ) -> torch.Tensor:
+        if coords is None or patch_size_level0 is None:
+            raise ValueError(
+                f"published slide encoder {self.name!r} needs each tile's level-0 coords and "
+                "the patch size (feature files carry them; bags from `FeatureBagDataset` pass "
+                "them as `coords` / `patch_size_level0`)"
+            )
+        bsz, n = features.shape[:2]
+        pad = (
+            torch.zeros(bsz, n, dtype=torch.bool, device=features.device)
+            if padding_mask is None
+            else padding_mask
+        )
+        size = torch.as_tensor(patch_size_level0, dtype=torch.float64).reshape(-1).expand(bsz)
+        dtype = next(self.published.parameters()).dtype
+        outs = []
+        for b in range(bsz):
+            keep = ~pad[b]
+            if not bool(keep.any()):
+                raise ValueError("a slide without tiles has no embedding")
+            outs.append(
+                self.published.embed_one(
+                    features[b][keep].to(dtype), coords[b][keep], float(size[b]), self.readout
+                )
+            )
+        return torch.stack(outs)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, readout={self.readout!r}"
+
+
+def _single(published: PublishedSlideEncoder) -> list[str]:
+    return [r for r in published.readouts if r not in published.all_layer_readouts]
+
+
+def published_bag_encoder(
+    name: str, weights: Any = "random", readout: str | None = None, **arch: Any
+) -> PublishedBagEncoder:
+    """``create_slide_encoder(name, weights, **arch)`` wrapped for bags (see the class)."""
+    from slidefm.models.registry import create_slide_encoder, is_published
+
+    enc = create_slide_encoder(name, weights=weights, **arch)
+    if not is_published(enc):
+        raise ValueError(f"{name!r} is a slidefm config, not a published slide encoder")
+    return PublishedBagEncoder(enc, readout)
