@@ -26,6 +26,8 @@ alone 0.597); mean_pool Cox probe 0.495 [0.454, 0.532] (3 seeds, 5 folds): mean-
 random-weight tile features do not see the planted signal. The default slide-encoder numbers
 are NOT measured yet: pretraining ran at 3–11 s/step on that loaded CPU (~0.12 s/step idle),
 so the 2000 steps did not fit the session; re-running the same command resumes every stage.
+Diagnostic: the encoder at its step-500 checkpoint gives Cox-probe C-index 0.508 [0.472, 0.540]
+(same folds and seeds): no survival signal yet at a quarter of the recipe.
 Earlier (300 slides, encoder pretrained only 1000 steps, MIL heads, 1 seed): true risk 0.753,
 frozen slide encoder 0.541 [0.485, 0.595], ABMIL 0.510, mean 0.489, shuffled control 0.538;
 that encoder separated biomarker_spatial with linear-probe AUROC only 0.62, while the full
