@@ -15,8 +15,10 @@ from pathlib import Path
 
 import torch
 
+from slidefm.encoders.cohort import run_encode
+from slidefm.encoders.encode_config import EncodeConfig
 from slidefm.encoders.tile import TileEncoder
-from slidefm.pipelines.encode import EncodeConfig, SlideJob, run_encode
+from slidefm.wsi.jobs import SlideJob
 
 REPO = Path(__file__).resolve().parent.parent
 

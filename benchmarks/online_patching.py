@@ -23,15 +23,15 @@ from pathlib import Path
 
 import torch
 
-from slidefm.config import from_dict
 from slidefm.encoders.registry import build_model, get_spec
-from slidefm.encoders.ssl import DINOModel, SSLConfig
-from slidefm.encoders.ssl_augment import MultiCrop, MultiCropConfig
-from slidefm.pipelines.encode import SlideJob
-from slidefm.pipelines.tile_ssl import _tuples, load_run_config
+from slidefm.encoders.ssl import DINOModel
+from slidefm.encoders.ssl_augment import MultiCrop
 from slidefm.runtime import pick_device
 from slidefm.train.data import make_loader
-from slidefm.wsi.online import OnlinePatchConfig, OnlinePatchDataset, prepare_slides
+from slidefm.train.run_dir import load_run_config
+from slidefm.train.tile_ssl import PretrainTilesConfig
+from slidefm.wsi.jobs import SlideJob
+from slidefm.wsi.online import OnlinePatchDataset, prepare_slides
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("SLIDEFM_SHARED_DATA", REPO.parent / "shared" / "data"))
@@ -93,11 +93,9 @@ def main() -> None:
     ap.add_argument("--synthetic-slides", type=int, default=4)
     a = ap.parse_args()
 
-    cfgd = load_run_config(a.config, [])
-    pcfg = from_dict(OnlinePatchConfig, _tuples(cfgd["patches"]))
-    ccfg = from_dict(MultiCropConfig, _tuples(cfgd["crops"]))
-    scfg = from_dict(SSLConfig, _tuples(cfgd["ssl"]))
-    bs = a.batch_size or int(cfgd["data"].get("batch_size", 32))
+    cfg = load_run_config(PretrainTilesConfig, a.config, [], "pretrain_tiles")
+    pcfg, ccfg, scfg = cfg.patches, cfg.crops, cfg.ssl
+    bs = a.batch_size or cfg.data.batch_size
     spec = get_spec(a.encoder)
     crop = MultiCrop(ccfg, spec.mean, spec.std)
     device = pick_device(a.device)

@@ -96,8 +96,8 @@ def bench_slide(
 ) -> dict:
     import httpx
 
-    from slidefm.pipelines.view import build_viewer
     from slidefm.viewer.app import create_app
+    from slidefm.viewer.build import build_viewer
 
     ns = argparse.Namespace(
         slide=str(slide), manifest=None, features=features and str(features),

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from slidefm.eval.embed import embed_dataset
 from slidefm.eval.metrics import balanced_accuracy
 from slidefm.eval.probes import linear_probe
 from slidefm.eval.splits import make_cv_splits
@@ -30,9 +31,8 @@ from slidefm.io.bags import FeatureBagDataset
 from slidefm.io.features import SlideFeatures, write_features
 from slidefm.io.manifest import read_manifest
 from slidefm.models.slide_encoder import SlideEncoder
-from slidefm.pipelines.embed import embed_dataset
-from slidefm.pipelines.pretrain import run_pretrain
 from slidefm.runtime import seed_everything
+from slidefm.train.pretrain import run_pretrain
 
 METHODS = ("pretrained", "random_weights", "mean_pool")
 

@@ -29,10 +29,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from slidefm.encoders.cohort import run_encode
+from slidefm.encoders.encode_config import EncodeConfig
 from slidefm.eval.tile_probes import run_probe_tiles
 from slidefm.io.manifest import read_manifest
-from slidefm.pipelines.encode import EncodeConfig, SlideJob, run_encode
-from slidefm.pipelines.tile_ssl import WEIGHTS_FILE
+from slidefm.train.tile_ssl import WEIGHTS_FILE
+from slidefm.wsi.jobs import SlideJob
 from slidefm.wsi.synthetic import generate_cohort
 
 ENCODER = "vit_tiny_dev"

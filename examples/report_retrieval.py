@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="exact", choices=["exact", "faiss", "qdrant"])
     a = ap.parse_args(argv)
     paths = vl_workflow.prepare(a)
+    from slidefm.eval.embed import slide_embeddings
+    from slidefm.eval.retrieval_run import format_retrieval, run_retrieve
     from slidefm.models.clip import SlideTextModel
-    from slidefm.pipelines.align import slide_embeddings
-    from slidefm.pipelines.retrieve import format_retrieval, run_retrieve
 
     out = paths["out"] / "retrieval"
     df = pd.read_csv(paths["manifest"])

@@ -129,9 +129,9 @@ def prepare(a: argparse.Namespace) -> dict[str, Path]:
               *_sets(*steps, "train.progress=false")])  # fmt: skip
     runs = {"pretrained": (out / "align", str(pre / "encoder.pt"))}
     if not a.no_ablation:
-        from slidefm.pipelines.pretrain import load_run_config
+        from slidefm.train.pretrain import load_run_config
 
-        arch = load_run_config(a.pretrain_config, [])["encoder"]  # same architecture, random
+        arch = load_run_config(a.pretrain_config, []).encoder  # same architecture, random
         runs["random_encoder"] = (out / "align_random_encoder", f"random:{arch}")
     paths = {"out": out, "manifest": manifest, "features": feats}
     for name, (d, enc) in runs.items():

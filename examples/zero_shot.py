@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     a = vl_workflow.parser(__doc__).parse_args(argv)
     paths = vl_workflow.prepare(a)
     from slidefm.eval.zero_shot import format_metrics
-    from slidefm.pipelines.zero_shot import run_zero_shot
+    from slidefm.eval.zero_shot_run import run_zero_shot
 
     out = paths["out"] / "zero_shot"
     results, report = {}, {}

@@ -17,6 +17,8 @@ PIPELINES = [
     "info",
     "encoders_cmd",
     "slide_encoders_cmd",
+    "mil_heads_cmd",
+    "text_towers_cmd",
     "encode",
     "mil",
     "probe",

@@ -50,3 +50,23 @@ def slides_dir(shared_data: Path) -> Path:
 def sample_slide() -> Path:
     """The real slide bundled in the repo (CMU-1-Small-Region, CC0)."""
     return REPO / "data" / "sample" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Name of a tiny open_clip model config (1-layer towers, 16-d joint space), registered
+    with ``open_clip.add_model_config`` for the test session."""
+    import json
+
+    import open_clip
+
+    cfg = {
+        "embed_dim": 16,
+        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
+        "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 32, "heads": 2,
+                     "layers": 1},
+    }  # fmt: skip
+    path = tmp_path_factory.mktemp("open_clip") / "slidefm-test-tiny.json"
+    path.write_text(json.dumps(cfg))
+    open_clip.add_model_config(path)
+    return path.stem

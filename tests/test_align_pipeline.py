@@ -14,7 +14,7 @@ from slidefm.cli import main
 from slidefm.io.embeddings import write_embeddings
 from slidefm.io.features import SlideFeatures, write_features
 from slidefm.models.clip import SlideTextModel
-from slidefm.pipelines.align import run_align
+from slidefm.train.align import run_align
 
 SUBTYPES = ("adenocarcinoma", "small_cell", "spindle_cell", "papillary")
 TERMS = {
@@ -282,7 +282,7 @@ def test_retrieve_without_split_scores_held_out_patients_and_skips_empty_tasks(
 
 def test_val_same_label_mass_formula():
     """Mean over slides of the softmax mass on same-label reports, against a hand loop."""
-    from slidefm.pipelines.align import val_metrics
+    from slidefm.train.align import val_metrics
 
     rng = np.random.default_rng(0)
     z = rng.normal(size=(5, 3)).astype(np.float32)

@@ -94,7 +94,7 @@ def test_shards_partition_the_cohort(sample_slide, tmp_path):
     cohort.mkdir()
     for i in range(3):
         os.symlink(sample_slide, cohort / f"s{i}.svs")
-    from slidefm.pipelines.encode import collect_slides, shard
+    from slidefm.wsi.jobs import collect_slides, shard
 
     jobs = collect_slides([str(cohort)])
     parts = [[j.slide_id for j in shard(jobs, 2, i)] for i in range(2)]

@@ -103,7 +103,7 @@ def test_out_is_a_file_is_one_line(sample_slide, tmp_path, capsys):
 
 def test_read_only_probe_runs_before_any_slide(sample_slide, tmp_path, capsys, monkeypatch):
     """Root ignores permission bits, so fake EROFS on the first write into --out."""
-    import slidefm.pipelines.encode as enc
+    import slidefm.encoders.cohort as enc
 
     calls = []
 
@@ -235,7 +235,8 @@ def test_same_name_same_options_new_bytes_is_re_encoded(sample_slide, tmp_path):
 
 
 def test_device_and_precision_are_in_the_skip_hash():
-    from slidefm.pipelines.encode import EncodeConfig, SlideJob, slide_hash
+    from slidefm.encoders.encode_config import EncodeConfig, slide_hash
+    from slidefm.wsi.jobs import SlideJob
 
     cfg, job = EncodeConfig(), SlideJob("a", "a.svs")
     h = {

@@ -116,9 +116,9 @@ def _align(d, ids, tmp, capsys):
 
 
 def _zero_shot_retrieve(d, ids, tmp, capsys):
-    """zero-shot and retrieve both read slides through ``align.slide_embeddings``."""
+    """zero-shot and retrieve both read slides through ``eval.embed.slide_embeddings``."""
+    from slidefm.eval.embed import slide_embeddings
     from slidefm.models.slide_encoder import SlideEncoder
-    from slidefm.pipelines.align import slide_embeddings
 
     model = types.SimpleNamespace(slide_encoder=SlideEncoder.from_config("tiny", input_dim=DIM))
     with pytest.raises(ValueError) as e:

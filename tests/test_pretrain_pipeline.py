@@ -17,7 +17,7 @@ from slidefm.cli import main
 from slidefm.io.embeddings import read_embeddings
 from slidefm.io.features import read_features
 from slidefm.models.slide_encoder import SlideEncoder
-from slidefm.pipelines.pretrain import run_pretrain
+from slidefm.train.pretrain import run_pretrain
 
 FAST = fast_train(batch_size=2)
 

@@ -14,8 +14,8 @@ from slidefm.cli import main
 from slidefm.eval.protocol import patient_split
 from slidefm.eval.tile_probes import run_probe_tiles
 from slidefm.io.features import SlideFeatures, read_attrs, write_features
-from slidefm.pipelines.encode import SlideJob
-from slidefm.pipelines.tile_ssl import run_pretrain_tiles
+from slidefm.train.tile_ssl import run_pretrain_tiles
+from slidefm.wsi.jobs import SlideJob
 from slidefm.wsi.synthetic import generate_cohort
 from slidefm.wsi.synthetic_tiff import write_pyramid_tiff
 

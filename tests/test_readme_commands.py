@@ -110,8 +110,8 @@ def test_every_readme_command_runs_as_written(tmp_path, monkeypatch, capsys):
             continue
         argv = substitute(line, tmp_path)
         if argv[0] == "view":  # a server that runs until Ctrl-C: build it, do not serve
-            from slidefm.pipelines.view import build_viewer
             from slidefm.viewer.app import create_app
+            from slidefm.viewer.build import build_viewer
 
             rc = 0 if create_app(build_viewer(build_parser().parse_args(argv))) else 1
         else:

@@ -20,8 +20,8 @@ from train_utils import fast_train, set_args
 
 from slidefm.cli import main
 from slidefm.models.slide_encoder import SlideEncoder
-from slidefm.pipelines.align import run_align
-from slidefm.pipelines.pretrain import run_pretrain
+from slidefm.train.align import run_align
+from slidefm.train.pretrain import run_pretrain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

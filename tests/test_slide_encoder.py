@@ -278,7 +278,10 @@ def test_input_standardisation_equals_standardised_features(tmp_path):
     payload = torch.load(tmp_path / "s.pt", weights_only=True)
     for k in ("input_mean", "input_std"):
         del payload["state_dict"][k]
-    torch.save(payload, tmp_path / "old.pt")
+    # such files predate the one checkpoint format: write the format of that time
+    old_format = {"format": "slidefm.slide_encoder", "config": payload["config"],
+                  "state_dict": payload["state_dict"], "slidefm_version": "0.0", "extra": {}}  # fmt: skip
+    torch.save(old_format, tmp_path / "old.pt")
     old = SlideEncoder.from_checkpoint(tmp_path / "old.pt")
     assert torch.equal(old.input_mean, torch.zeros(D)) and torch.equal(old.input_std, torch.ones(D))
     torch.testing.assert_close(old(x, grid), plain(x, grid))

@@ -126,7 +126,7 @@ def test_teacher_at_step_zero_is_the_loaded_model_and_ema_follows(tmp_path):
     from safetensors.torch import save_file
 
     from slidefm.encoders.tile import TileEncoder, preprocess_tiles
-    from slidefm.pipelines.tile_ssl import build_trunk
+    from slidefm.train.tile_ssl import build_trunk
 
     spec = get_spec("vit_tiny_dev")
     torch.manual_seed(7)

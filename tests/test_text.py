@@ -154,17 +154,10 @@ def test_sentencepiece_tower_pools_at_eos(tok_path):
     assert not torch.allclose(tower(junk)[0], out[0], atol=1e-4)
 
 
-def test_open_clip_text_tower_from_local_weights(tmp_path):
+def test_open_clip_text_tower_from_local_weights(tmp_path, tiny_open_clip):
     import open_clip
 
-    cfg = {
-        "embed_dim": 16,
-        "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "patch_size": 16},
-        "text_cfg": {"context_length": 20, "vocab_size": 49408, "width": 32, "heads": 2,
-                     "layers": 1},
-    }  # fmt: skip
-    (tmp_path / "slidefm-test-tiny.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(tmp_path / "slidefm-test-tiny.json")
+    assert tiny_open_clip == "slidefm-test-tiny"
     torch.manual_seed(0)
     ref = open_clip.create_model("slidefm-test-tiny").eval()
     torch.save(ref.state_dict(), tmp_path / "w.pt")
@@ -212,7 +205,7 @@ def test_report_column_defaults_to_text_then_report(tmp_path):
     ``text`` wins when both exist; neither is one clear error naming the columns."""
     import pandas as pd
 
-    from slidefm.pipelines.tokenizer import read_report_texts
+    from slidefm.io.reports import read_report_texts
 
     only_report, both, neither = (tmp_path / f"{n}.csv" for n in ("r", "b", "n"))
     pd.DataFrame({"case_id": ["a", "b"], "report": ["Adenocarcinoma.", " "]}).to_csv(only_report)

@@ -17,8 +17,8 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from scipy.stats import rankdata
 
-from slidefm.pipelines.view import build_viewer
 from slidefm.viewer.app import create_app
+from slidefm.viewer.build import build_viewer
 from tests.viewer_utils import make_cohort, viewer_args
 
 pytestmark = pytest.mark.usefixtures("one_thread")

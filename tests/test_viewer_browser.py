@@ -42,8 +42,8 @@ def _free_port() -> int:
 def server(sample_slide, tmp_path_factory):
     import uvicorn
 
-    from slidefm.pipelines.view import build_viewer
     from slidefm.viewer.app import create_app
+    from slidefm.viewer.build import build_viewer
 
     root = tmp_path_factory.mktemp("browser")
     sid = "CMU-1-Small-Region"
@@ -182,8 +182,8 @@ def cohort_server(sample_slide, shared_data, tmp_path_factory):
     import pandas as pd
     import uvicorn
 
-    from slidefm.pipelines.view import build_viewer
     from slidefm.viewer.app import create_app
+    from slidefm.viewer.build import build_viewer
     from tests.viewer_utils import make_cohort
 
     texts = pd.read_csv(shared_data / "reports" / "tcga_reports_val.csv")["text"][:40].tolist()

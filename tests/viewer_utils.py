@@ -11,9 +11,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from slidefm.encoders.encode_config import EncodeConfig
 from slidefm.io.features import SlideFeatures, write_features
 from slidefm.models.mil import ABMIL, save_mil_checkpoint
-from slidefm.pipelines.encode import EncodeConfig
 from slidefm.wsi.reader import SlideReader
 from slidefm.wsi.tiling import make_tile_grid
 from slidefm.wsi.tissue import slide_tissue_mask

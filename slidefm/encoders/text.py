@@ -382,7 +382,7 @@ class TextTowerConfig:
     pool: str = "eos"  # eos (causal, CLIP) | mean (bidirectional, mean of non-pad tokens)
     # open_clip kind only:
     model_name: str = ""  # e.g. ViT-B-32, or a name registered with open_clip.add_model_config
-    pretrained: str = ""  # local checkpoint path, or an open_clip tag looked up in the HF cache
+    pretrained: str = ""  # local checkpoint path, an open_clip tag (HF cache), or "random"
 
     def __post_init__(self) -> None:
         if self.kind not in ("sentencepiece", "open_clip"):
@@ -476,11 +476,15 @@ class OpenClipTextTower(nn.Module):
 
         super().__init__()
         self.cfg = cfg
-        weights = _resolve_open_clip_weights(cfg.model_name, cfg.pretrained)
+        if cfg.pretrained == "random":  # the one spelling of random weights (tests, ablations)
+            log.warning("RANDOM WEIGHTS: open_clip text tower %r is untrained", cfg.model_name)
+            weights = None
+        else:
+            weights = _resolve_open_clip_weights(cfg.model_name, cfg.pretrained)
         model = open_clip.create_model(cfg.model_name, pretrained=weights, device="cpu")
         model.visual = None  # keeps only the text tower (and logit_scale) in the state dict
         self.model = model
-        self.weights = weights
+        self.weights = weights or "random"
         proj = getattr(model, "text_projection", None)
         if proj is None and hasattr(model, "text"):
             proj = getattr(model.text, "text_projection", None)
@@ -503,3 +507,120 @@ def build_text_tower(
         raise ValueError("a sentencepiece text tower needs --tokenizer tok.model")
     tok = ReportTokenizer(tokenizer_model, context_length=cfg.context_length)
     return SentencePieceTextTower(cfg, tok.vocab_size), tok
+
+
+# -- registry ------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class TextTowerEntry:
+    """One text tower: ``TextTowerConfig`` fields that define it, and where weights come from."""
+
+    name: str
+    description: str
+    config: dict[str, Any]  # TextTowerConfig fields (overridable in ``create_text_tower``)
+    weights: str  # in words: what ``weights=`` accepts besides "random"
+
+
+TEXT_TOWERS: dict[str, TextTowerEntry] = {
+    e.name: e
+    for e in (
+        TextTowerEntry(
+            "sentencepiece",
+            "open_clip TextTransformer over slidefm's report SentencePiece ids, EOS-pooled (CLIP)",
+            {"kind": "sentencepiece", "pool": "eos"},
+            "PATH: an alignment checkpoint (<align out>/align.pt) with this tower",
+        ),
+        TextTowerEntry(
+            "sentencepiece_mean",
+            "as sentencepiece, bidirectional with the mean of the non-pad tokens",
+            {"kind": "sentencepiece", "pool": "mean"},
+            "PATH: an alignment checkpoint (<align out>/align.pt) with this tower",
+        ),
+        TextTowerEntry(
+            "open_clip",
+            "text half of a pretrained open_clip model (model_name=…), its own tokenizer",
+            {"kind": "open_clip"},
+            "an open_clip pretrained tag (local HF cache) or a local checkpoint file",
+        ),
+    )
+}
+
+
+def list_text_towers() -> list[str]:
+    """Registered text-tower names (``slidefm text-towers list``)."""
+    return list(TEXT_TOWERS)
+
+
+def get_text_tower_entry(name: str) -> TextTowerEntry:
+    if name not in TEXT_TOWERS:
+        raise ValueError(f"unknown text tower {name!r}; choose one of {', '.join(TEXT_TOWERS)}")
+    return TEXT_TOWERS[name]
+
+
+def text_tower_config(name: str, **overrides: Any) -> TextTowerConfig:
+    """The entry's ``TextTowerConfig`` with field overrides (a bad field is a ConfigError)."""
+    from slidefm.config import ConfigError, from_dict
+
+    entry = get_text_tower_entry(name)
+    fixed = {k: v for k, v in overrides.items() if k in entry.config and v != entry.config[k]}
+    if fixed:
+        raise ConfigError(f"text tower {name!r} fixes {', '.join(sorted(fixed))}")
+    return from_dict(TextTowerConfig, {**entry.config, **overrides})
+
+
+def create_text_tower(
+    name: str,
+    weights: str | Path = "random",
+    tokenizer: str | Path | bytes | None = None,
+    vocab_size: int | None = None,
+    **config: Any,
+) -> nn.Module:
+    """Build text tower ``name`` (``list_text_towers()``) with ``weights``.
+
+    weights: ``"random"`` (seeded initialisation; logged as untrained), or for the sentencepiece
+    towers an alignment checkpoint (its text tower, config and tokenizer), for ``open_clip`` an
+    open_clip pretrained tag or a local file. ``tokenizer``: a SentencePiece ``.model`` (or its
+    bytes) for the sentencepiece towers; or ``vocab_size`` alone, when only ids are fed.
+    ``**config``: ``TextTowerConfig`` fields (``model_name`` for open_clip). The tower is in eval
+    mode, with ``tokenizer`` (None when built from ``vocab_size``) and ``weights_id``.
+    """
+    entry = get_text_tower_entry(name)
+    if entry.config["kind"] == "open_clip":
+        cfg = text_tower_config(name, **{**config, "pretrained": str(weights)})
+        if not cfg.model_name:
+            raise ValueError("text tower open_clip needs model_name=… (e.g. ViT-B-32)")
+        tower: nn.Module = OpenClipTextTower(cfg)
+        # the model's own context length unless one is asked for (TextTowerConfig's default
+        # 128 is the sentencepiece towers')
+        tower.tokenizer = OpenClipTokenizer(cfg.model_name, config.get("context_length"))
+        tower.weights_id = tower.weights
+        return tower.eval()
+    if str(weights) != "random":
+        return _tower_from_align_checkpoint(name, Path(weights), config)
+    log.warning("RANDOM WEIGHTS: text tower %r is untrained", name)
+    cfg = text_tower_config(name, **config)
+    tok = None
+    if tokenizer is not None:
+        tok = ReportTokenizer(tokenizer, context_length=cfg.context_length)
+        vocab_size = tok.vocab_size
+    if vocab_size is None:
+        raise ValueError(f"text tower {name!r} needs tokenizer=tok.model (or vocab_size=V)")
+    tower = SentencePieceTextTower(cfg, int(vocab_size))
+    tower.tokenizer, tower.weights_id = tok, "random"
+    return tower.eval()
+
+
+def _tower_from_align_checkpoint(name: str, path: Path, config: dict[str, Any]) -> nn.Module:
+    """The text tower inside a ``slidefm align`` checkpoint (its config and tokenizer)."""
+    from slidefm.io.checkpoints import read_checkpoint
+
+    if config:
+        raise ValueError("an alignment checkpoint records its text tower: pass weights=PATH alone")
+    payload = read_checkpoint(path, "align")
+    cfg = text_tower_config(name, **(payload["config"]["model"].get("text") or {}))
+    tok = ReportTokenizer(payload["config"]["tokenizer"], context_length=cfg.context_length)
+    tower = SentencePieceTextTower(cfg, tok.vocab_size)
+    prefix = "text_tower."
+    sd = {k[len(prefix) :]: v for k, v in payload["state_dict"].items() if k.startswith(prefix)}
+    tower.load_state_dict(sd)
+    tower.tokenizer, tower.weights_id = tok, f"{path.name}@sha256:{payload.get('sha256')}"
+    return tower.eval()

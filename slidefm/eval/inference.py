@@ -47,9 +47,12 @@ class EmbeddingDataset:
 
 def forward_batch(model: torch.nn.Module, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """The model on a bag batch, or on precomputed embeddings (frozen slide encoder)."""
+    from slidefm.models.published.bag import position_inputs
+
     if "embedding" in batch:
         return model(None, embedding=batch["embedding"])
-    return model(batch["features"], batch["grid"], batch["padding_mask"])
+    extra = position_inputs(model, batch)
+    return model(batch["features"], batch["grid"], batch["padding_mask"], **extra)
 
 
 def _loader(dataset: Any, batch_size: int):
@@ -92,6 +95,7 @@ def frozen_embeddings(
     import torch
 
     from slidefm.io.bags import bag_rows
+    from slidefm.models.published.bag import position_inputs
     from slidefm.train.loop import to_device
 
     if key not in bags.embeddings:
@@ -100,7 +104,10 @@ def frozen_embeddings(
         z = []
         for b in _loader(bag_rows(bags, np.arange(n), np.zeros(n, np.int64)), batch_size):
             b = to_device(b, device)
-            z.append(model.encoder(b["features"], b["grid"], b["padding_mask"]).float().cpu())
+            pos = position_inputs(model.encoder, b)
+            z.append(
+                model.encoder(b["features"], b["grid"], b["padding_mask"], **pos).float().cpu()
+            )
         bags.embeddings[key] = torch.cat(z).numpy()
     return bags.embeddings[key]
 

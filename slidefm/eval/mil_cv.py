@@ -216,6 +216,18 @@ def _run_meta(run: MILRun, cfg: MILConfig, bags: Bags, notes: list[str], **extra
             "slidefm_version": slidefm.__version__}  # fmt: skip
 
 
+def check_slide_encoder_inputs(spec: str, path: Path) -> None:
+    """A published slide encoder refuses features it was not trained on, as in embed-slides
+    (width, recorded tile encoder); checkpoints and slidefm configs check the width when built."""
+    from slidefm.eval.embed import check_published_inputs
+    from slidefm.io.features import read_attrs, read_features
+    from slidefm.models.registry import PUBLISHED
+
+    if spec in PUBLISHED:
+        dim = int(read_features(path).features.shape[1])
+        check_published_inputs(PUBLISHED[spec], Path(path), read_attrs(path), dim)
+
+
 def _cohort(run: MILRun, cfg: MILConfig, df: pd.DataFrame, strata: list[str], task: Task):
     """(bags, splits, slide-encoder weights) of a run: claim/splits before loading features."""
     from slidefm.eval.targets import check_feature_files
@@ -228,8 +240,12 @@ def _cohort(run: MILRun, cfg: MILConfig, df: pd.DataFrame, strata: list[str], ta
         claim_mil_out(out, df, task, cfg, paths, run.overwrite)
     splits = run_splits(df, strata, run.seeds, out / "splits.csv", run.splits, run.folds,
                         cfg.val_fraction)  # fmt: skip
+    if cfg.model == "slide_encoder":  # before reading the cohort
+        check_slide_encoder_inputs(cfg.slide_encoder, paths[0])
     bags = load_bags(paths, progress=run.progress, cache_gb=cfg.cache_gb)
-    enc = slide_encoder_weights(cfg.slide_encoder) if cfg.model == "slide_encoder" else None
+    enc = None
+    if cfg.model == "slide_encoder":
+        enc = slide_encoder_weights(cfg.slide_encoder, cfg.slide_encoder_weights)
     return bags, splits, enc
 
 
@@ -290,3 +306,22 @@ def train_mil_survival(run: MILRun, cfg: MILConfig) -> tuple[dict[str, Any], dic
     )  # fmt: skip
     write_survival_report(out, patients, result, meta, time_label=run.time)
     return result, meta
+
+
+def report_lines(result: dict[str, Any], meta: dict[str, Any]) -> list[str]:
+    """What ``mil train`` prints: a headline, the metric summary with CIs, per-seed log-rank
+    p (survival) and the provenance notes."""
+    from slidefm.eval.report import format_summary
+
+    folds = f"{result['n_seeds']} seed(s) × {result['n_folds']} fold(s)"
+    n = result["n_slides_or_patients"]
+    if meta.get("survival_loss"):
+        lines = [f"{meta['model']} survival ({meta['survival_loss']}) on {meta['time']}/"
+                 f"{meta['event']}: {folds}, {n} patients, {result['n_events']} events"]  # fmt: skip
+    else:
+        level, labels = meta["level"], "+".join(meta["task"]["labels"])
+        lines = [f"{meta['model']} on {labels} ({level} level, {folds}, {n} {level}s):"]
+    lines.append(format_summary(result))
+    for s in result["per_seed"] if meta.get("survival_loss") else []:
+        lines.append(f"  seed {s['seed']}: median-split log-rank p = {s['logrank_p']:.3g}")
+    return lines + [f"NOTE: {note}" for note in meta["notes"]]

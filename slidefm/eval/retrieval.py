@@ -32,6 +32,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 BACKENDS = ("exact", "faiss", "qdrant")
+TASKS = ("slide2report", "report2slide", "slide2slide")  # of `slidefm retrieve`
 
 
 def l2_normalize(x: np.ndarray) -> np.ndarray:

@@ -29,10 +29,12 @@ from slidefm.encoders.text import (
     TextTowerConfig,
     build_text_tower,
 )
-from slidefm.io.atomic import atomic_path
+from slidefm.io.checkpoints import Kind, register_kind
+from slidefm.models.standardize import Standardize, keep_flat_keys
 from slidefm.runtime import dist_info
 
-CHECKPOINT_FORMAT = "slidefm.align"
+CHECKPOINT_FORMAT = "slidefm.align"  # the format before slidefm.io.checkpoints
+KIND = "align"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,7 +46,7 @@ class AlignModelConfig:
     text_proj: str = "auto"  # auto (identity when dims match) | linear
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0
-    text: dict = dataclasses.field(default_factory=dict)  # TextTowerConfig fields
+    text: TextTowerConfig = dataclasses.field(default_factory=TextTowerConfig)
 
     def __post_init__(self) -> None:
         if self.slide_proj not in ("linear", "mlp"):
@@ -55,6 +57,10 @@ class AlignModelConfig:
             )
         if self.text_proj not in ("auto", "linear"):
             raise ValueError(f"text_proj must be auto or linear, not {self.text_proj!r}")
+        if isinstance(self.text, dict):  # a checkpoint's (or a caller's) mapping
+            from slidefm.config import from_dict
+
+            object.__setattr__(self, "text", from_dict(TextTowerConfig, self.text, "model.text"))
 
 
 def clip_loss(
@@ -155,9 +161,10 @@ class SlideTextModel(nn.Module):
             nn.Identity() if cfg.text_proj == "auto" and out == e else nn.Linear(out, e, bias=False)
         )
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
-        # Per-dimension standardisation of slide embeddings (identity until set_slide_stats).
-        self.register_buffer("slide_mean", torch.zeros(self.slide_dim))
-        self.register_buffer("slide_std", torch.ones(self.slide_dim))
+        # Per-dimension standardisation of slide embeddings (identity until set_slide_stats);
+        # state-dict keys slide_mean / slide_std, as before the Standardize module existed.
+        self.slide_norm = Standardize(self.slide_dim)
+        keep_flat_keys(self, "slide_norm", "slide")
 
     @torch.no_grad()
     def set_slide_stats(self, embeddings: torch.Tensor) -> None:
@@ -166,8 +173,17 @@ class SlideTextModel(nn.Module):
         low-variance directions only (e.g. an unsupervised CLS token); z-scoring makes those
         directions usable by the head. Saved with the model (buffers)."""
         x = torch.as_tensor(embeddings, dtype=torch.float32)
-        self.slide_mean.copy_(x.mean(0))
-        self.slide_std.copy_(x.std(0).clamp(min=1e-6))
+        self.slide_norm.set_stats(
+            x.mean(0), x.std(0), {"fitted_on": "training slide embeddings", "n": len(x)}
+        )
+
+    @property
+    def slide_mean(self) -> torch.Tensor:
+        return self.slide_norm.mean
+
+    @property
+    def slide_std(self) -> torch.Tensor:
+        return self.slide_norm.std
 
     # ------------------------------------------------------------------ encoders
     @property
@@ -215,8 +231,7 @@ class SlideTextModel(nn.Module):
                 f"slide embeddings are {embeddings.shape[-1]}-d, the model expects "
                 f"{self.slide_dim}-d (were they made with the same slide encoder?)"
             )
-        x = (embeddings.float() - self.slide_mean) / self.slide_std
-        z = self.slide_proj(x)
+        z = self.slide_proj(self.slide_norm(embeddings.float()))
         return F.normalize(z, dim=-1) if normalize else z
 
     def encode_text(
@@ -297,51 +312,53 @@ class SlideTextModel(nn.Module):
 
     # --------------------------------------------------------------- checkpoint
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Self-contained file: config, weights, tokenizer model bytes, slide-encoder config."""
+        """Self-contained file: config, weights, tokenizer model bytes, slide-encoder config,
+        in the one checkpoint format (``slidefm.io.checkpoints``, kind ``align``)."""
+        from slidefm.io.checkpoints import save_checkpoint
+
         enc_cfg = None
         if self.slide_encoder is not None:
             c = getattr(self.slide_encoder, "config", None)
             enc_cfg = dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "config": dataclasses.asdict(self.cfg),
+        config = {
+            "model": dataclasses.asdict(self.cfg),
             "slide_dim": self.slide_dim,
             "slide_encoder_config": enc_cfg,
             "tokenizer": getattr(self.tokenizer, "model_bytes", None),
-            "state_dict": self.state_dict(),
-            "extra": extra or {},
         }
-        with atomic_path(path) as tmp:
-            torch.save(state, tmp)
-        return Path(path)
+        return save_checkpoint(path, self, KIND, config, {"extra": extra or {}})
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, map_location: str = "cpu") -> SlideTextModel:
         """Rebuild a ``save_checkpoint`` file (the extra dict is in ``model.checkpoint_extra``)."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"alignment checkpoint {path} not found; run `slidefm align`")
-        from slidefm.io.torch_file import load_torch_file
+        from slidefm.io.checkpoints import load_checkpoint
 
-        state = load_torch_file(
-            path, "alignment checkpoint", map_location=map_location, weights_only=True
-        )
-        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"{path} is not a slidefm alignment checkpoint (use <align out>/align.pt)"
-            )
-        enc = None
-        if state["slide_encoder_config"] is not None:
-            from slidefm.config import from_dict
-            from slidefm.models.slide_encoder import SlideEncoder, SlideEncoderConfig
+        model, meta = load_checkpoint(path, KIND, map_location)
+        model.checkpoint_extra = meta["provenance"].get("extra", {})
+        return model
 
-            enc = SlideEncoder(from_dict(SlideEncoderConfig, state["slide_encoder_config"]))
-        model = cls(
-            AlignModelConfig(**state["config"]),
-            state["slide_dim"],
-            tokenizer_model=state["tokenizer"],
-            slide_encoder=enc,
-        )
-        model.load_state_dict(state["state_dict"])
-        model.checkpoint_extra = state["extra"]
-        return model.eval()
+
+def _build(config: dict[str, Any], payload: dict[str, Any]) -> SlideTextModel:
+    enc = None
+    if config["slide_encoder_config"] is not None:
+        from slidefm.config import from_dict
+        from slidefm.models.slide_encoder import SlideEncoder, SlideEncoderConfig
+
+        enc = SlideEncoder(from_dict(SlideEncoderConfig, config["slide_encoder_config"]))
+    return SlideTextModel(
+        AlignModelConfig(**config["model"]),
+        config["slide_dim"],
+        tokenizer_model=config["tokenizer"],
+        slide_encoder=enc,
+    )
+
+
+def _legacy(raw: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """A ``slidefm.align`` file (before the one format): config, weights, provenance."""
+    keys = ("slide_dim", "slide_encoder_config", "tokenizer")
+    config = {"model": raw["config"], **{k: raw[k] for k in keys}}
+    return config, raw["state_dict"], {"extra": raw.get("extra") or {}}
+
+
+_HINT = "use <align out>/align.pt"
+register_kind(Kind(KIND, "alignment checkpoint", _build, _HINT, CHECKPOINT_FORMAT, _legacy))

@@ -13,6 +13,8 @@ multi-label uses one sigmoid per logit (see ``mil_loss``).
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slidefm.models import MIL_MODELS
+from slidefm.io.checkpoints import Kind, register_kind
+from slidefm.models.standardize import Standardize
 
 
 def _mask(features: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -307,13 +310,12 @@ class SlideEncoderMIL(nn.Module):
             for p in self.encoder.parameters():
                 p.requires_grad_(False)
         dim = _embed_dim(encoder, in_dim)
-        self.embedding_norm = ZScore(dim)
+        self.embedding_norm = Standardize(dim)
         self.head = nn.Sequential(nn.Dropout(dropout), nn.Linear(dim, num_classes))
 
     def set_embedding_stats(self, embeddings: torch.Tensor | np.ndarray) -> None:
         """Standardise the head's input with these training embeddings' mean and std [N, E]."""
-        z = torch.as_tensor(embeddings, dtype=torch.float32)
-        self.embedding_norm.set_stats(z.mean(0), z.std(0) if len(z) > 1 else torch.ones(z.shape[1]))
+        self.embedding_norm.fit(embeddings, {"fitted_on": "training-fold slide embeddings"})
 
     def train(self, mode: bool = True) -> SlideEncoderMIL:
         super().train(mode)
@@ -327,9 +329,12 @@ class SlideEncoderMIL(nn.Module):
         grid: torch.Tensor | None = None,
         padding_mask: torch.Tensor | None = None,
         embedding: torch.Tensor | None = None,
+        **positions: Any,
     ) -> dict[str, torch.Tensor]:
         """``embedding`` [B, E]: the frozen encoder's output computed beforehand (training a
-        frozen encoder's head needs each slide's embedding once, not once per epoch)."""
+        frozen encoder's head needs each slide's embedding once, not once per epoch).
+        ``positions``: ``coords`` [B, N, 2] level-0 px and ``patch_size_level0`` [B], for
+        published encoders (``needs_coords``)."""
         if embedding is not None:
             return {
                 "logits": self.head(self.embedding_norm(embedding.float())),
@@ -340,28 +345,17 @@ class SlideEncoderMIL(nn.Module):
         pad = _mask(features, padding_mask)
         if self.freeze:
             with torch.no_grad():
-                z = self.encoder(features, grid, pad)
+                z = self.encoder(features, grid, pad, **positions)
         else:
-            z = self.encoder(features, grid, pad)
+            z = self.encoder(features, grid, pad, **positions)
         return {"logits": self.head(self.embedding_norm(z.float())), "embedding": z}
 
+    @property
+    def needs_coords(self) -> bool:
+        return bool(getattr(self.encoder, "needs_coords", False))
 
-class ZScore(nn.Module):
-    """(x − mean) / std per last dimension, with the statistics as buffers so that checkpoints,
-    ``mil predict`` and heatmaps apply the transform the model was trained with."""
 
-    def __init__(self, dim: int):
-        super().__init__()
-        self.register_buffer("mean", torch.zeros(dim))
-        self.register_buffer("std", torch.ones(dim))
-
-    @torch.no_grad()
-    def set_stats(self, mean: torch.Tensor | np.ndarray, std: torch.Tensor | np.ndarray) -> None:
-        self.mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-        self.std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+ZScore = Standardize  # the MIL name of the one standardisation module (``models.standardize``)
 
 
 class Standardized(nn.Module):
@@ -371,11 +365,17 @@ class Standardized(nn.Module):
     slowly.
     """
 
-    def __init__(self, model: nn.Module, mean: torch.Tensor, std: torch.Tensor):
+    def __init__(
+        self,
+        model: nn.Module,
+        mean: torch.Tensor,
+        std: torch.Tensor,
+        provenance: dict[str, Any] | None = None,
+    ):
         super().__init__()
         self.model = model
-        self.zscore = ZScore(len(mean))
-        self.zscore.set_stats(mean, std)
+        self.zscore = Standardize(len(mean))
+        self.zscore.set_stats(mean, std, provenance or {"fitted_on": "training-fold tiles"})
 
     def forward(
         self,
@@ -389,23 +389,114 @@ class Standardized(nn.Module):
         return self.model(features, grid, padding_mask, **kwargs)
 
 
+@dataclasses.dataclass(frozen=True)
+class MILHeadEntry:
+    """One MIL head: its class, the options fixed by the entry, what it needs and gives."""
+
+    name: str
+    description: str
+    cls: type[nn.Module]
+    fixed: dict[str, Any] = dataclasses.field(default_factory=dict)  # e.g. pool="mean"
+    needs_encoder: bool = False  # built around a slide encoder: cls(encoder, in_dim, C, …)
+    uses_grid: bool = False  # reads tile positions (TransMIL's PPEG; a slide encoder)
+    attention: bool = False  # returns per-tile ``attention`` (heatmaps)
+
+    def options(self) -> list[str]:
+        """The keyword options (a MIL config's ``model_kwargs``) this head takes."""
+        skip = {"self", "encoder", "in_dim", "num_classes", *self.fixed}
+        return [p for p in inspect.signature(self.cls).parameters if p not in skip]
+
+    def build(
+        self, in_dim: int, num_classes: int, encoder: nn.Module | None = None, **kw: Any
+    ) -> nn.Module:
+        bad = sorted(set(kw) - set(self.options()))
+        if bad:
+            raise ValueError(
+                f"MIL model {self.name!r} has no option(s) {', '.join(bad)}; "
+                f"its options: {', '.join(self.options())}"
+            )
+        if not self.needs_encoder:
+            return self.cls(in_dim, num_classes, **self.fixed, **kw)
+        if encoder is None:
+            raise ValueError(
+                f"--model {self.name} needs a slide encoder (--slide-encoder CHECKPOINT)"
+            )
+        return self.cls(encoder, in_dim, num_classes, **kw)
+
+
+MIL_HEADS: dict[str, MILHeadEntry] = {
+    e.name: e
+    for e in (
+        MILHeadEntry(
+            "mean", "per-tile MLP, masked mean pooling, linear", PoolMIL, {"pool": "mean"}
+        ),
+        MILHeadEntry("max", "per-tile MLP, masked max pooling, linear", PoolMIL, {"pool": "max"}),
+        MILHeadEntry(
+            "abmil", "gated-attention MIL (Ilse et al. 2018, CLAM-SB layout)", ABMIL, attention=True
+        ),
+        MILHeadEntry(
+            "transmil",
+            "TransMIL (Shao et al. 2021): Nyström attention + PPEG on the slide grid",
+            TransMIL,
+            uses_grid=True,
+        ),
+        MILHeadEntry(
+            "slide_encoder",
+            "a slidefm slide encoder (frozen or fine-tuned) + z-scored linear head",
+            SlideEncoderMIL,
+            needs_encoder=True,
+            uses_grid=True,
+        ),
+    )
+}
+
+
+def list_mil_heads() -> list[str]:
+    """Registered MIL head names (``slidefm mil-heads list``; ``mil train --model``)."""
+    return list(MIL_HEADS)
+
+
+def get_mil_head(name: str) -> MILHeadEntry:
+    if name not in MIL_HEADS:
+        raise ValueError(f"Unknown MIL model {name!r}; choose one of {', '.join(MIL_HEADS)}")
+    return MIL_HEADS[name]
+
+
+def create_mil_head(
+    name: str,
+    in_dim: int,
+    num_classes: int,
+    encoder: nn.Module | None = None,
+    weights: str | Path = "random",
+    **kwargs: Any,
+) -> nn.Module:
+    """MIL head ``name`` (``list_mil_heads()``) for ``in_dim``-d tiles and ``num_classes`` logits.
+
+    ``encoder``: the slide encoder of ``slide_encoder``. ``weights``: ``"random"`` (seeded
+    initialisation), or a ``slidefm mil train`` checkpoint (``<out>/seed*/fold*/model.pt``) of
+    this head, loaded with its recorded options (``kwargs`` must then be empty).
+    ``**kwargs``: the head's options (``get_mil_head(name).options()``); an unknown one is a
+    ValueError naming the known ones.
+    """
+    entry = get_mil_head(name)
+    if str(weights) != "random":
+        if kwargs or encoder is not None:
+            raise ValueError("a MIL checkpoint records its options: pass weights=PATH alone")
+        model, meta = load_mil_checkpoint(weights)
+        if meta["model"] != name or meta["in_dim"] != in_dim or meta["num_classes"] != num_classes:
+            raise ValueError(
+                f"{weights} holds a {meta['model']} head for {meta['in_dim']}-d tiles and "
+                f"{meta['num_classes']} outputs, not {name} for {in_dim}-d / {num_classes}"
+            )
+        return model
+    return entry.build(in_dim, num_classes, encoder, **kwargs)
+
+
 def build_mil_model(
     name: str, in_dim: int, num_classes: int, encoder: nn.Module | None = None, **kwargs: Any
 ) -> nn.Module:
-    """Model by name (``MIL_MODELS``); ``encoder`` is required for ``slide_encoder``."""
-    if name in ("mean", "max"):
-        return PoolMIL(in_dim, num_classes, pool=name, **kwargs)
-    if name == "abmil":
-        return ABMIL(in_dim, num_classes, **kwargs)
-    if name == "transmil":
-        return TransMIL(in_dim, num_classes, **kwargs)
-    if name == "slide_encoder":
-        if encoder is None:
-            raise ValueError(
-                "--model slide_encoder needs a slide encoder (--slide-encoder CHECKPOINT)"
-            )
-        return SlideEncoderMIL(encoder, in_dim, num_classes, **kwargs)
-    raise ValueError(f"Unknown MIL model {name!r}; choose one of {', '.join(MIL_MODELS)}")
+    """Model by name (``MIL_HEADS``); ``encoder`` is required for ``slide_encoder``."""
+    return create_mil_head(name, in_dim, num_classes, encoder=encoder, **kwargs)
 
 
 def class_weights(labels: torch.Tensor, num_classes: int, multilabel: bool = False) -> torch.Tensor:
@@ -447,73 +538,87 @@ def count_parameters(model: nn.Module, trainable_only: bool = True) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
-CHECKPOINT_FORMAT = "slidefm.mil"
+CHECKPOINT_FORMAT = "slidefm.mil"  # the format before slidefm.io.checkpoints
+KIND = "mil"
+# What rebuilds the model (the checkpoint's config); the rest of meta is provenance.
+ARCH_KEYS = ("model", "in_dim", "num_classes", "model_kwargs", "slide_encoder", "standardize")
 
 
 def save_mil_checkpoint(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> Path:
     """Write a self-describing MIL checkpoint: ``meta`` must hold ``model`` (name), ``in_dim``,
     ``num_classes``, ``model_kwargs`` and, for ``slide_encoder``, ``slide_encoder`` (the config
-    name or checkpoint it was built from). Written atomically."""
-    from slidefm.io.atomic import atomic_path
+    name or checkpoint it was built from). Written atomically, in the one checkpoint format
+    (``slidefm.io.checkpoints``, kind ``mil``)."""
+    from slidefm.io.checkpoints import save_checkpoint
 
     missing = [k for k in ("model", "in_dim", "num_classes", "model_kwargs") if k not in meta]
     if missing:
         raise ValueError(f"MIL checkpoint meta lacks {missing}")
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        torch.save(
-            {"format": CHECKPOINT_FORMAT, "meta": meta, "state_dict": model.state_dict()}, tmp
-        )
-    return path
+    config = {k: meta[k] for k in ARCH_KEYS if k in meta}
+    provenance = {k: v for k, v in meta.items() if k not in ARCH_KEYS}
+    return save_checkpoint(path, model, KIND, config, provenance)
 
 
-def build_slide_encoder(spec: str, in_dim: int) -> tuple[nn.Module, str]:
-    """A slide encoder from a checkpoint file or a config name → (encoder, weights), where
-    ``weights`` is the checkpoint path or ``"random"`` (config only: random initialisation,
-    with ``input_dim`` set to the tile-feature width ``in_dim``)."""
-    from slidefm.models.slide_encoder import SlideEncoder
+def build_slide_encoder(
+    spec: str, in_dim: int, weights: str | None = None
+) -> tuple[nn.Module, str]:
+    """A slide encoder from a checkpoint file, or a registry name with ``weights`` (``random``
+    builds it for ``in_dim``-d tile features) → (encoder, weights id): the checkpoint's absolute
+    path (``NAME@sha256:…`` for registry weights) or ``"random"``. The grammar is
+    ``models.registry.slide_encoder_from_spec``'s (a bare config name still means random, with
+    a DEPRECATED warning)."""
+    from slidefm.models.published.bag import PublishedBagEncoder
+    from slidefm.models.registry import is_published, slide_encoder_from_spec
 
-    weights = slide_encoder_weights(spec)
-    if weights == "random":
-        return SlideEncoder.from_config(spec, input_dim=in_dim), weights
-    enc = SlideEncoder.from_checkpoint(spec)
-    if enc.config.input_dim != in_dim:
-        raise ValueError(
-            f"slide encoder {spec} takes {enc.config.input_dim}-d tile features but these are "
-            f"{in_dim}-d; use features from the tile encoder it was pretrained on"
-        )
-    return enc, weights
+    enc, info = slide_encoder_from_spec(spec, weights, input_dim=in_dim)
+    if is_published(enc):  # Prov-GigaPath / TITAN / CHIEF: per-slide, level-0 coords
+        enc = PublishedBagEncoder(enc)
+    if info["slide_encoder_weights"] == "random":
+        return enc, "random"
+    if Path(info["slide_encoder"]).is_file():
+        return enc, info["slide_encoder"]
+    return enc, f"{info['slide_encoder']}@sha256:{info['slide_encoder_sha256']}"
 
 
 def slide_encoder_from_config_dict(config: dict[str, Any]) -> nn.Module:
     """The architecture recorded in a MIL checkpoint (weights come from its state_dict)."""
+    if "published" in config:
+        from slidefm.models.published.bag import bag_encoder_from_record
+
+        return bag_encoder_from_record(config)
     from slidefm.config import from_dict
     from slidefm.models.slide_encoder import SlideEncoder, SlideEncoderConfig
 
     return SlideEncoder(from_dict(SlideEncoderConfig, config))
 
 
-def slide_encoder_weights(spec: str) -> str:
-    """What ``build_slide_encoder(spec)`` loads: the checkpoint's absolute path, or ``"random"``."""
+def slide_encoder_weights(spec: str, weights: str | None = None) -> str:
+    """What ``build_slide_encoder(spec, weights=weights)`` loads: the checkpoint's absolute
+    path, ``weights`` given with a registry name (``hub`` / a path), or ``"random"``."""
     p = Path(spec)
     if p.is_file() and p.suffix in (".pt", ".pth", ".ckpt", ".safetensors"):
         return str(p.resolve())
+    if weights and weights != "random":
+        return weights if weights == "hub" else str(Path(weights).expanduser().resolve())
     return "random"
 
 
 def load_mil_checkpoint(
     path: str | Path, map_location: str | torch.device = "cpu"
 ) -> tuple[nn.Module, dict[str, Any]]:
-    """Rebuild the model saved by ``save_mil_checkpoint`` → (model in eval mode, meta)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"MIL checkpoint {path} not found")
-    from slidefm.io.torch_file import load_torch_file
+    """Rebuild the model saved by ``save_mil_checkpoint`` → (model in eval mode, meta), read
+    with ``weights_only=True``; ``meta`` is the dict that was saved."""
+    from slidefm.io.checkpoints import load_checkpoint
 
-    ckpt = load_torch_file(path, "MIL checkpoint", map_location=map_location, weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path} is not a slidefm MIL checkpoint (written by `slidefm mil train`)")
-    meta = ckpt["meta"]
+    model, payload = load_checkpoint(path, KIND, map_location)
+    prov = {k: v for k, v in payload["provenance"].items() if k not in _WRITER_KEYS}
+    return model, {**prov, **payload["config"]}
+
+
+_WRITER_KEYS = ("slidefm_version", "legacy_format")
+
+
+def _build_from_config(meta: dict[str, Any], payload: dict[str, Any]) -> nn.Module:
     encoder = None
     if meta["model"] == "slide_encoder":
         # The recorded architecture; all weights (encoder included) come from state_dict.
@@ -523,5 +628,15 @@ def load_mil_checkpoint(
     )
     if meta.get("standardize"):
         model = Standardized(model, torch.zeros(meta["in_dim"]), torch.ones(meta["in_dim"]))
-    model.load_state_dict(ckpt["state_dict"])
-    return model.eval(), meta
+    return model
+
+
+def _legacy(raw: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """A ``slidefm.mil`` file (before the one format): config, weights, provenance."""
+    meta = raw["meta"]
+    config = {k: meta[k] for k in ARCH_KEYS if k in meta}
+    return config, raw["state_dict"], {k: v for k, v in meta.items() if k not in ARCH_KEYS}
+
+
+_HINT = "written by `slidefm mil train` as <out>/seed*/fold*/model.pt"
+register_kind(Kind(KIND, "MIL checkpoint", _build_from_config, _HINT, CHECKPOINT_FORMAT, _legacy))

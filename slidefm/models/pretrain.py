@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidefm.models.standardize import Standardize, keep_flat_keys
+
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
@@ -186,10 +188,10 @@ class MaskedFeatureModel(nn.Module):
         # Tile features share a large common direction (for a random ViT, cosine ≈ 0.99 between
         # any tile and the mean tile): without standardisation, predicting the mean scores a
         # near-perfect cosine and the encoder learns nothing.
-        self.register_buffer("target_mean", torch.as_tensor(mean, dtype=torch.float32))
-        self.register_buffer(
-            "target_std", torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6)
-        )
+        # (state-dict keys target_mean / target_std, as before the Standardize module existed)
+        self.target_norm = Standardize(in_dim)
+        self.target_norm.set_stats(mean, std)
+        keep_flat_keys(self, "target_norm", "target")
         if cfg.loss not in ("cosine", "mse"):
             raise ValueError(f"loss must be 'cosine' or 'mse', not {cfg.loss!r}")
         self.encoder = encoder
@@ -225,7 +227,7 @@ class MaskedFeatureModel(nn.Module):
         pred = self.decoder(tiles, pad)
         target = feats.float()
         if self.cfg.standardize_targets:
-            target = (target - self.target_mean) / self.target_std
+            target = self.target_norm(target)
         if self.cfg.norm_targets:
             target = F.layer_norm(target, target.shape[-1:])
         return {

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,12 +29,18 @@ import torch
 from torch import nn
 
 from slidefm.config import CONFIG_DIR, ConfigError
-from slidefm.encoders.registry import _file_sha256, read_state_dict, state_dict_mismatch
+from slidefm.encoders.registry import (
+    _file_sha256,
+    read_state_dict,
+    sha256_file,
+    state_dict_mismatch,
+)
 from slidefm.models.published.chief import ChiefSlideEncoder, convert_chief
 from slidefm.models.published.gigapath import GigaPathSlideEncoder, convert_gigapath
 from slidefm.models.published.titan import TitanSlideEncoder, convert_titan
 
 WeightsArg = str | Path | Mapping[str, torch.Tensor]
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -307,4 +314,111 @@ def create_slide_encoder(name: str, weights: WeightsArg = "random", **arch: Any)
         weights_id = f"{path.name}@sha256:{_file_sha256(path)}" if path.is_file() else str(path)
     model.weights_id = weights_id
     model.registry_entry = entry
+    model.arch_overrides = dict(arch)
     return model.eval()
+
+
+# ------------------------------------------------------------------ one grammar for commands
+
+RANDOM = "random"
+OLD_RANDOM_PREFIX = "random:"  # deprecated: "random:<config>" (align, before the registry)
+
+
+def deprecated_spelling(old: str, new: str) -> None:
+    """Log, once per call, that ``old`` still works but ``new`` is the spelling."""
+    log.warning("DEPRECATED: %s still works but will be removed; write %s", old, new)
+
+
+def slide_encoder_from_spec(
+    spec: str, weights: str | None = None, input_dim: int | None = None
+) -> tuple[nn.Module, dict[str, str]]:
+    """The one grammar every command uses for "which slide encoder, which weights".
+
+    ``spec``: a slidefm checkpoint file (self-describing: ``weights`` must be unset), or a
+    registry name (``slidefm slide-encoders list``) with ``weights`` = ``random`` | ``hub`` |
+    PATH — random weights are always ``NAME`` + ``--weights random``. ``input_dim``: the tile
+    feature width a random slidefm config is built for. The spellings from before the registry
+    keep working with a DEPRECATED warning naming the new one: ``random:<config>`` and a bare
+    config name (both meant random weights).
+
+    Returns (encoder, provenance): ``slide_encoder`` (name or absolute path),
+    ``slide_encoder_weights`` (``random`` | ``pretrained``), ``slide_encoder_sha256``
+    (file sha256, or ``random``).
+    """
+    path = Path(spec).expanduser()
+    is_yaml = path.suffix in (".yaml", ".yml")
+    if path.is_file() and not is_yaml:
+        return _from_checkpoint_file(path, spec, weights, input_dim)
+    name = spec
+    if spec.startswith(OLD_RANDOM_PREFIX):
+        name = spec[len(OLD_RANDOM_PREFIX) :]
+        deprecated_spelling(f"{spec!r}", f"{name!r} with --weights random")
+        weights = weights or RANDOM
+    elif path.suffix in (".pt", ".pth", ".ckpt", ".safetensors"):
+        raise FileNotFoundError(f"slide encoder checkpoint {spec} not found")
+    entry = None if is_yaml else get_entry(name)  # an unknown name lists the registry
+    slidefm_config = entry is None or entry.kind == "slidefm"
+    if not weights:
+        if not slidefm_config:
+            raise ValueError(
+                f"slide encoder {name!r} needs --weights hub (HF cache), --weights PATH, or "
+                "--weights random"
+            )
+        deprecated_spelling(f"the bare config name {name!r}", f"{name!r} with --weights random")
+        weights = RANDOM
+    if weights == RANDOM and slidefm_config:
+        return _random_slidefm_encoder(spec, name if entry is None else entry.config, input_dim)
+    if entry is None:
+        raise ValueError(f"{spec}: a config file takes --weights random only")
+    enc = create_slide_encoder(name, weights=weights)
+    _check_input_dim(enc, input_dim, name)
+    wid = enc.weights_id
+    return enc, {
+        "slide_encoder": name,
+        "slide_encoder_weights": RANDOM if wid == RANDOM else "pretrained",
+        "slide_encoder_sha256": wid.rsplit("sha256:", 1)[-1] if "sha256:" in wid else wid,
+    }
+
+
+def _from_checkpoint_file(
+    path: Path, spec: str, weights: str | None, input_dim: int | None
+) -> tuple[nn.Module, dict[str, str]]:
+    from slidefm.models.slide_encoder import SlideEncoder
+
+    if weights not in (None, "", str(spec)):
+        raise ValueError(
+            f"{spec} is a checkpoint (it records its architecture and weights); give it "
+            f"alone, or a registry name with --weights {weights}"
+        )
+    enc = SlideEncoder.from_checkpoint(path)
+    _check_input_dim(enc, input_dim, spec)
+    return enc, {
+        "slide_encoder": str(path.resolve()),
+        "slide_encoder_weights": "pretrained",
+        "slide_encoder_sha256": sha256_file(path),
+    }
+
+
+def _random_slidefm_encoder(
+    spec: str, config: str, input_dim: int | None
+) -> tuple[nn.Module, dict[str, str]]:
+    """As before the registry: ``SlideEncoder.from_config``, in train mode (callers switch
+    modes themselves), for ``input_dim``-d features: the same numbers for the same seed."""
+    from slidefm.models.slide_encoder import SlideEncoder
+
+    log.warning("RANDOM WEIGHTS: the slide encoder %r is untrained (ablation)", spec)
+    kw = {"input_dim": int(input_dim)} if input_dim else {}
+    enc = SlideEncoder.from_config(config, **kw)
+    info = {"slide_encoder": spec, "slide_encoder_weights": RANDOM, "slide_encoder_sha256": RANDOM}
+    return enc, info
+
+
+def _check_input_dim(enc: nn.Module, input_dim: int | None, spec: str) -> None:
+    have = getattr(getattr(enc, "config", None), "input_dim", None) or getattr(
+        enc, "input_dim", None
+    )
+    if input_dim is not None and have is not None and int(have) != int(input_dim):
+        raise ValueError(
+            f"slide encoder {spec} takes {have}-d tile features but these are "
+            f"{input_dim}-d; use features from the tile encoder it was pretrained on"
+        )

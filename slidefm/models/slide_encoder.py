@@ -26,15 +26,16 @@ from timm.layers import DropPath, Mlp
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from slidefm import __version__
 from slidefm.config import ConfigError, from_dict, load_yaml, resolve_config_path
-from slidefm.io.atomic import atomic_path
+from slidefm.io.checkpoints import Kind, register_kind
 from slidefm.models.attention import BACKENDS, BIASES, FullAttention, _hi
 from slidefm.models.bias import AttentionBias
 from slidefm.models.dilated import DilatedAttention
 from slidefm.models.posenc import sincos_2d
+from slidefm.models.standardize import Standardize, keep_flat_keys, restore_provenance
 
-CHECKPOINT_FORMAT = "slidefm.slide_encoder"
+CHECKPOINT_FORMAT = "slidefm.slide_encoder"  # the format before slidefm.io.checkpoints
+KIND = "slide_encoder"
 # Options that change how the same weights are run, not the weights: may differ on load.
 RUNTIME_FIELDS = (
     "name",
@@ -201,8 +202,9 @@ class SlideEncoder(nn.Module):
         # Per-dimension input standardisation (cohort statistics set by pretraining, saved with
         # the weights): tile features of a frozen ViT share one dominant direction, which a
         # randomly initialised input projection otherwise turns into a near-constant token.
-        self.register_buffer("input_mean", torch.zeros(config.input_dim))
-        self.register_buffer("input_std", torch.ones(config.input_dim))
+        # (state-dict keys input_mean / input_std, as before the Standardize module existed)
+        self.input_norm = Standardize(config.input_dim)
+        keep_flat_keys(self, "input_norm", "input")
         # The attention bias of each forward pass (2D ALiBi or none; sincos2d is added to x).
         self.bias_type = BIASES["alibi2d" if config.position == "alibi2d" else "none"]
         self.apply(_init_weights)
@@ -212,11 +214,19 @@ class SlideEncoder(nn.Module):
 
     # ------------------------------------------------------------------ construction / io
 
-    @torch.no_grad()
-    def set_input_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+    def set_input_stats(
+        self, mean: torch.Tensor, std: torch.Tensor, provenance: dict[str, Any] | None = None
+    ) -> None:
         """Standardise inputs as (features − mean) / std, both [D_in] (tile-feature units)."""
-        self.input_mean.copy_(torch.as_tensor(mean, dtype=torch.float32))
-        self.input_std.copy_(torch.as_tensor(std, dtype=torch.float32).clamp_min(1e-6))
+        self.input_norm.set_stats(mean, std, provenance)
+
+    @property
+    def input_mean(self) -> torch.Tensor:
+        return self.input_norm.mean
+
+    @property
+    def input_std(self) -> torch.Tensor:
+        return self.input_norm.std
 
     @classmethod
     def from_config(cls, name_or_path: str | Path, **overrides: Any) -> SlideEncoder:
@@ -226,38 +236,25 @@ class SlideEncoder(nn.Module):
         return cls(from_dict(SlideEncoderConfig, data))
 
     def save_checkpoint(self, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-        """Write config + weights + slidefm version (+ ``extra`` provenance) atomically."""
-        payload = {
-            "format": CHECKPOINT_FORMAT,
-            "config": dataclasses.asdict(self.config),
-            "state_dict": {k: v.detach().cpu() for k, v in self.state_dict().items()},
-            "slidefm_version": __version__,
-            "extra": dict(extra or {}),
-        }
-        with atomic_path(path) as tmp:
-            torch.save(payload, tmp)
-        return Path(path)
+        """Write config + weights + slidefm version (+ ``extra`` provenance) atomically, in the
+        one checkpoint format (``slidefm.io.checkpoints``, kind ``slide_encoder``)."""
+        from slidefm.io.checkpoints import save_checkpoint
+
+        config = dataclasses.asdict(self.config)
+        return save_checkpoint(path, self, KIND, config, {"extra": dict(extra or {})})
 
     @staticmethod
     def _read_checkpoint(path: str | Path) -> dict[str, Any]:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"slide encoder checkpoint {path} not found")
-        from slidefm.io.torch_file import load_torch_file
+        """The checkpoint's payload, with ``slidefm_version`` and ``extra`` at the top level (as
+        in the format before ``slidefm.io.checkpoints``)."""
+        from slidefm.io.checkpoints import read_checkpoint
 
-        payload = load_torch_file(
-            path, "slide encoder checkpoint", map_location="cpu", weights_only=True
-        )
-        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(
-                f"{path} is not a slidefm slide-encoder checkpoint (written by "
-                "SlideEncoder.save_checkpoint, e.g. <pretrain out>/encoder.pt)"
-            )
-        return payload
+        payload = read_checkpoint(path, KIND)
+        return {**payload, **_meta(payload)}
 
     def load_checkpoint(self, path: str | Path) -> dict[str, Any]:
         """Load weights saved by ``save_checkpoint`` into this encoder (architectures must match);
-        returns the checkpoint's metadata (config, slidefm_version, extra)."""
+        returns the checkpoint's metadata (config, slidefm_version, extra, provenance, sha256)."""
         payload = self._read_checkpoint(path)
         mine, theirs = dataclasses.asdict(self.config), dict(payload["config"])
         diff = sorted(
@@ -269,7 +266,8 @@ class SlideEncoder(nn.Module):
                 "use SlideEncoder.from_checkpoint(path) to build the matching encoder"
             )
         self.load_state_dict(_with_default_buffers(self, payload["state_dict"]))
-        return {k: v for k, v in payload.items() if k != "state_dict"}
+        restore_provenance(self, payload.get("standardization") or {})
+        return _meta(payload)
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, **overrides: Any) -> SlideEncoder:
@@ -280,6 +278,7 @@ class SlideEncoder(nn.Module):
             raise ValueError(f"cannot override {bad} on a checkpoint; only {RUNTIME_FIELDS}")
         enc = cls(from_dict(SlideEncoderConfig, {**payload["config"], **overrides}))
         enc.load_state_dict(_with_default_buffers(enc, payload["state_dict"]))
+        restore_provenance(enc, payload.get("standardization") or {})
         return enc
 
     # ------------------------------------------------------------------------------ forward
@@ -310,9 +309,7 @@ class SlideEncoder(nn.Module):
         pad = padding_mask.to(torch.bool) if padding_mask is not None else None
         if pad is not None and cfg.num_prefix_tokens == 0 and bool(pad.all(-1).any()):
             raise ValueError("a slide in the batch has no tiles (all padded)")
-        x = self.input_proj(
-            (features - self.input_mean.to(features.dtype)) / self.input_std.to(features.dtype)
-        )
+        x = self.input_proj(self.input_norm(features))
         if token_mask is not None:
             x = torch.where(token_mask[..., None], self.mask_token.to(x.dtype), x)
         if cfg.position == "sincos2d":
@@ -384,6 +381,28 @@ def _with_default_buffers(enc: nn.Module, state: dict[str, torch.Tensor]) -> dic
     """Checkpoints written before input standardisation existed load as mean 0, std 1."""
     own = enc.state_dict()
     return {**{k: own[k] for k in ("input_mean", "input_std") if k not in state}, **state}
+
+
+def _meta(payload: dict[str, Any]) -> dict[str, Any]:
+    """What ``load_checkpoint`` returns: the payload without weights, with the keys the old
+    format had at the top (``slidefm_version``, ``extra``)."""
+    prov = payload.get("provenance") or {}
+    meta = {k: v for k, v in payload.items() if k != "state_dict"}
+    return {**meta, "slidefm_version": prov.get("slidefm_version"), "extra": prov.get("extra", {})}
+
+
+def _legacy(raw: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """A ``slidefm.slide_encoder`` file (before the one format): config, weights, provenance."""
+    prov = {"slidefm_version": raw.get("slidefm_version"), "extra": raw.get("extra", {})}
+    return raw["config"], raw["state_dict"], prov
+
+
+def _build(config: dict[str, Any], payload: dict[str, Any]) -> SlideEncoder:
+    return SlideEncoder(from_dict(SlideEncoderConfig, config))
+
+
+_HINT = "written by SlideEncoder.save_checkpoint, e.g. <pretrain out>/encoder.pt"
+register_kind(Kind(KIND, "slide encoder checkpoint", _build, _HINT, CHECKPOINT_FORMAT, _legacy))
 
 
 def _init_weights(m: nn.Module) -> None:

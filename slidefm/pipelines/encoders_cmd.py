@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from slidefm import listing
 from slidefm.encoders.registry import get_spec, list_encoders
+from slidefm.listing import add_list_command, print_listing
 
 COLUMNS = ("name", "architecture", "embed dim", "input", "pooling", "weights (--weights hub)")
 
@@ -29,34 +31,26 @@ def registry_rows(include_dev: bool = True) -> list[tuple[str, ...]]:
 
 
 def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...] = COLUMNS) -> str:
-    """Fixed-width text table."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    line = "  ".join("-" * w for w in widths)
-    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
-    return "\n".join(
-        x.rstrip() for x in [fmt.format(*header), line, *(fmt.format(*r) for r in rows)]
-    )
+    """The tile-encoder table (``listing.format_table`` with these columns by default)."""
+    return listing.format_table(rows, header)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("encoders", help="tile encoders: list the registry")
-    sub = p.add_subparsers(dest="encoders_command", metavar="ACTION")
-    sub.required = True
-    lst = sub.add_parser("list", help="print every registered tile encoder")
+    lst = add_list_command(
+        subparsers, "encoders", "tile encoders", run, "also print licence and notes"
+    )
     lst.add_argument("--no-dev", action="store_true", help="hide dev-only entries")
-    lst.add_argument("--details", action="store_true", help="also print licence and notes")
-    lst.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    print(format_table(registry_rows(include_dev=not args.no_dev)))
-    if args.details:
-        print()
-        for name in list_encoders(not args.no_dev):
-            s = get_spec(name)
-            print(f"{name}: {s.family}; licence: {s.licence}; {s.notes}")
-    print(
-        "\nWeights: --weights hub (HF cache, honours HF_HUB_OFFLINE) | --weights PATH "
+    names = list_encoders(not args.no_dev)
+    details = [
+        f"{n}: {s.family}; licence: {s.licence}; {s.notes}"
+        for n, s in ((n, get_spec(n)) for n in names)
+    ]
+    footer = (
+        "Weights: --weights hub (HF cache, honours HF_HUB_OFFLINE) | --weights PATH "
         "(.pth/.bin/.safetensors) | --weights random (smoke tests; outputs marked random)."
     )
-    return 0
+    rows = registry_rows(include_dev=not args.no_dev)
+    return print_listing(rows, COLUMNS, details if args.details else None, footer)

@@ -23,32 +23,29 @@ if TYPE_CHECKING:
 
 # Flags that set a MILConfig field (beaten by --set, see slidefm.config.apply_flags).
 FLAG_TO_FIELD = {"model": str, "epochs": int, "lr": float, "batch_size": int, "max_tiles": int,
-                 "balance": str, "slide_encoder": str, "device": str}  # fmt: skip
+                 "balance": str, "slide_encoder": str, "slide_encoder_weights": str,
+                 "device": str}  # fmt: skip
+FLAG_HELP = {"slide_encoder": "a `slidefm pretrain` checkpoint, or a registry name "
+             "(`slidefm slide-encoders list`: gigapath, titan, chief, a slidefm config)",
+             "slide_encoder_weights": "with a registry name: random | hub | PATH (the published "
+             "file or snapshot folder)"}  # fmt: skip
 
 
 def config_from_args(args: argparse.Namespace) -> MILConfig:
-    from slidefm.config import (
-        apply_flags,
-        apply_overrides,
-        from_dict,
-        load_yaml,
-        resolve_config_path,
-    )
+    """YAML < explicit flags < ``--set``, as every command (``slidefm.config``)."""
+    from slidefm.config import flag_values, load_config
     from slidefm.train.mil import MILConfig
 
     default = "survival" if getattr(args, "task", None) == "survival" else "default"
-    base = apply_flags(
-        load_yaml(resolve_config_path(args.config or default, "mil")), args, FLAG_TO_FIELD
-    )
+    flags = flag_values(args, list(FLAG_TO_FIELD))
     if getattr(args, "finetune", False):
-        base["freeze_encoder"] = False
-    return from_dict(MILConfig, apply_overrides(base, args.overrides))
+        flags["freeze_encoder"] = False
+    return load_config(MILConfig, args.config or default, args.overrides, "mil", flags)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from slidefm.eval.mil_cv import MILRun, train_mil, train_mil_survival
+    from slidefm.eval.mil_cv import MILRun, report_lines, train_mil, train_mil_survival
     from slidefm.eval.protocol import parse_labels, parse_list, parse_seeds
-    from slidefm.eval.report import format_summary
 
     survival = args.task == "survival"
     if not survival and not args.label:
@@ -60,19 +57,7 @@ def run_train(args: argparse.Namespace) -> int:
                  args.overwrite, not args.no_progress, args.seed,
                  args.time if survival else None, args.event, args.horizons)  # fmt: skip
     result, meta = (train_mil_survival if survival else train_mil)(run, cfg)
-    folds = f"{result['n_seeds']} seed(s) × {result['n_folds']} fold(s)"
-    if survival:
-        print(f"{cfg.model} survival ({cfg.survival_loss}) on {args.time}/{args.event}: {folds}, "
-              f"{result['n_slides_or_patients']} patients, {result['n_events']} events")  # fmt: skip
-    else:
-        level = meta["level"]
-        print(f"{cfg.model} on {'+'.join(run.labels)} ({level} level, {folds}, "
-              f"{result['n_slides_or_patients']} {level}s):")  # fmt: skip
-    print(format_summary(result))
-    for s in result["per_seed"] if survival else []:
-        print(f"  seed {s['seed']}: median-split log-rank p = {s['logrank_p']:.3g}")
-    for n in meta["notes"]:
-        print(f"NOTE: {n}")
+    print("\n".join(report_lines(result, meta)))
     print(f"results: {Path(args.out) / 'results.json'}")
     return 0
 
@@ -130,7 +115,7 @@ def _train_parser(t: argparse.ArgumentParser) -> None:
     add_slide_level_only(t)
     for name, typ in FLAG_TO_FIELD.items():
         if name != "model":
-            a(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=f"config {name}")  # fmt: skip
+            a(f"--{name.replace('_', '-')}", dest=name, type=typ, default=None, help=FLAG_HELP.get(name, f"config {name}"))  # fmt: skip
     a("--finetune", action="store_true", help="slide_encoder: fine-tune the encoder too")
     a("--no-progress", action="store_true")
     add_overwrite(t)

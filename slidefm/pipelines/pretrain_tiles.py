@@ -1,5 +1,5 @@
 """``slidefm pretrain-tiles``: the command line (light: nothing heavy is imported until it
-runs). The implementation is ``slidefm.pipelines.tile_ssl``."""
+runs). The implementation is ``slidefm.train.tile_ssl``."""
 
 from __future__ import annotations
 
@@ -26,8 +26,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slidefm.pipelines.tile_ssl import WEIGHTS_FILE, run_pretrain_tiles, select_jobs
     from slidefm.runtime import dist_info
+    from slidefm.train.tile_ssl import WEIGHTS_FILE, run_pretrain_tiles
+    from slidefm.wsi.jobs import select_jobs
 
     jobs = select_jobs(args.inputs, args.manifest, args.split)
     info = run_pretrain_tiles(

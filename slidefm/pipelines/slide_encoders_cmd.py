@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from slidefm.pipelines.encoders_cmd import format_table
+from slidefm.listing import add_list_command, print_listing
 
 COLUMNS = ("name", "kind", "tile encoder", "tile", "in", "out", "readouts", "weights")
 
@@ -37,25 +37,20 @@ def registry_rows() -> list[tuple[str, ...]]:
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("slide-encoders", help="slide encoders: list the registry")
-    sub = p.add_subparsers(dest="slide_encoders_command", metavar="ACTION")
-    sub.required = True
-    lst = sub.add_parser("list", help="print every registered slide encoder")
-    lst.add_argument("--details", action="store_true", help="also print licence and source")
-    lst.set_defaults(func=run)
+    add_list_command(
+        subparsers, "slide-encoders", "slide encoders", run, "also print licence and source"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     from slidefm.models.registry import get_entry, list_slide_encoders
 
-    print(format_table(registry_rows(), COLUMNS))
-    if args.details:
-        print()
-        for name in list_slide_encoders():
-            e = get_entry(name)
-            print(f"{name}: {e.description}; licence: {e.licence}; weights: {e.weight_source}")
-    print(
-        "\nWeights: --weights hub (HF cache, honours HF_HUB_OFFLINE) | --weights PATH (file or "
+    details = [
+        f"{n}: {e.description}; licence: {e.licence}; weights: {e.weight_source}"
+        for n, e in ((n, get_entry(n)) for n in list_slide_encoders())
+    ]
+    footer = (
+        "Weights: --weights hub (HF cache, honours HF_HUB_OFFLINE) | --weights PATH (file or "
         "snapshot folder, published layout) | --weights random (outputs marked random)."
     )
-    return 0
+    return print_listing(registry_rows(), COLUMNS, details if args.details else None, footer)

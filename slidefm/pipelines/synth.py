@@ -1,7 +1,7 @@
 """``slidefm synth-cohort``: a synthetic pyramidal-TIFF cohort with planted labels and reports.
 
-Options come from ``configs/synth/<name>.yaml`` (fields of ``CohortOptions``), then ``--set``
-overrides, then the explicit flags below. Re-running the same command resumes: finished slides
+Options come from ``configs/synth/<name>.yaml`` (fields of ``CohortOptions``), then the
+explicit flags below, then ``--set`` overrides (YAML < flags < ``--set``, as every command). Re-running the same command resumes: finished slides
 (same seed and options) are skipped.
 """
 
@@ -13,7 +13,7 @@ import json
 import time
 from pathlib import Path
 
-from slidefm.config import load_config
+from slidefm.config import flag_values, load_config
 from slidefm.options import add_common
 
 # Explicit flag → CohortOptions field (flags left unset keep the config's value).
@@ -44,12 +44,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def run(args: argparse.Namespace) -> int:
-    from slidefm.wsi.synthetic import CohortOptions, generate_cohort
+def options_from_args(args: argparse.Namespace):
+    """``CohortOptions``: YAML < the explicit flags < ``--set`` (``slidefm.config``)."""
+    from slidefm.wsi.synthetic import CohortOptions
 
-    opts = load_config(CohortOptions, args.config, args.overrides, subdir="synth")
-    explicit = {f: getattr(args, a) for a, f in FLAGS.items() if getattr(args, a) is not None}
-    opts = dataclasses.replace(opts, **explicit)
+    flags = flag_values(args, FLAGS)
+    return load_config(CohortOptions, args.config, args.overrides, "synth", flags)
+
+
+def run(args: argparse.Namespace) -> int:
+    from slidefm.wsi.synthetic import generate_cohort
+
+    opts = options_from_args(args)
     t0 = time.time()
     manifest = generate_cohort(
         Path(args.out),

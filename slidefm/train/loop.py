@@ -41,6 +41,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from slidefm.io.atomic import atomic_path, clean_stale_tmp
+from slidefm.io.checkpoints import read_checkpoint, save_checkpoint
 from slidefm.io.provenance import add_figure_note
 from slidefm.io.torch_file import CheckpointError, load_torch_file
 from slidefm.runtime import autocast, dist_info, pick_device, seed_everything
@@ -247,8 +248,8 @@ class ModelSelection(Callback):
         if self._is_better(float(value)):
             self.best = {"score": float(value), "step": trainer.step, "index": index,
                          "metrics": {k: float(v) for k, v in metrics.items()}}  # fmt: skip
-            with atomic_path(self.path) as tmp:
-                torch.save({"model": trainer.module.state_dict(), "step": trainer.step}, tmp)
+            prov = {"step": trainer.step, "score": float(value)}
+            save_checkpoint(self.path, trainer.module, "train_best", provenance=prov)
         if self.history_path is not None:
             self._write_history()
         best_index = -1 if self.best is None else self.best["index"]
@@ -287,7 +288,8 @@ class ModelSelection(Callback):
                 trainer.step,
             )  # fmt: skip
             return {**sel, "value": None, "step": trainer.step, "restored": False}
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        best = read_checkpoint(self.path, "train_best")
+        state = {"model": best["state_dict"], **best["provenance"]}
         if state["step"] != self.best["step"]:
             raise RuntimeError(
                 f"{self.path} holds step {state['step']} but the best evaluation was at step "

@@ -54,7 +54,8 @@ class MILConfig:
     head_batch_size: int = 16
     head_patience: int = 30
     n_boot: int = 1000
-    slide_encoder: str | None = None
+    slide_encoder: str | None = None  # a `slidefm pretrain` checkpoint or a registry name
+    slide_encoder_weights: str | None = None  # with a registry name: random | hub | PATH
     freeze_encoder: bool = True
     device: str = "auto"
     precision: str = "auto"
@@ -93,7 +94,8 @@ class MILConfig:
             raise ValueError(f"val_metric must be loss, auroc or c_index, not {self.val_metric!r}")
         if self.model == "slide_encoder" and not self.slide_encoder:
             raise ValueError(
-                "--model slide_encoder needs --slide-encoder CHECKPOINT (or a config name for random init)"
+                "--model slide_encoder needs --slide-encoder CHECKPOINT, or a registry name "
+                "(`slidefm slide-encoders list`) with --slide-encoder-weights random|hub|PATH"
             )
 
 
@@ -115,7 +117,9 @@ def build_model(
     encoder, enc_weights = None, None
     kwargs = as_kwargs(cfg.model_kwargs)
     if cfg.model == "slide_encoder":
-        encoder, enc_weights = build_slide_encoder(cfg.slide_encoder, in_dim)
+        encoder, enc_weights = build_slide_encoder(
+            cfg.slide_encoder, in_dim, cfg.slide_encoder_weights
+        )
         kwargs["freeze"] = cfg.freeze_encoder
     model = build_mil_model(cfg.model, in_dim, num_classes, encoder=encoder, **kwargs)
     return model, kwargs, enc_weights
@@ -321,7 +325,9 @@ def _fold_meta(cfg: MILConfig, model, fold: dict[str, Any], enc_weights: str | N
         "slide_encoder": {
             "spec": cfg.slide_encoder,
             "weights": enc_weights,
-            "config": dataclasses.asdict(model.encoder.config),
+            "config": model.encoder.config_record()
+            if hasattr(model.encoder, "config_record")
+            else dataclasses.asdict(model.encoder.config),
         }
         if cfg.model == "slide_encoder"
         else None,

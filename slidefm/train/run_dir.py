@@ -12,22 +12,32 @@ seed the weights saw. The pieces the commands share live here, once.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import shutil
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h5py
 from torch import nn
 from torch.utils.data import DataLoader
 
-from slidefm.config import ConfigError, from_dict
+from slidefm.config import (
+    ConfigError,
+    apply_overrides,
+    from_dict,
+    load_yaml,
+    resolve_config_path,
+    set_values,
+)
 from slidefm.io.atomic import atomic_path
 from slidefm.io.features import CHECKSUM_ATTR
 from slidefm.io.provenance import figure_note
 from slidefm.train.loop import TrainConfig, Trainer
+
+T = TypeVar("T")
 
 RUN_CONFIG = "run_config.json"
 # Keys of the run info that every final model checkpoint records as provenance.
@@ -121,10 +131,39 @@ def claim_run_dir(
 def check_train_section(train: dict[str, Any]) -> None:
     """Validate a config's ``train`` section; ``out_dir``/``seed`` come from the CLI, so a
     config that sets them would be silently overridden: refuse it instead."""
-    bad = {"out_dir", "seed"} & set(train)
+    bad = {"out_dir", "seed"} & set(train) if isinstance(train, dict) else set()
     if bad:
         raise ConfigError(f"train.{'/'.join(sorted(bad))} come from --out/--seed, not the config")
-    from_dict(TrainConfig, train)
+    from_dict(TrainConfig, train, "train")
+
+
+def load_run_config(
+    cls: type[T],
+    path: str | Path | None,
+    overrides: list[str] | None,
+    subdir: str,
+    flags: dict[str, Any] | None = None,
+) -> T:
+    """A training command's typed config (YAML < ``flags`` < ``--set``, as ``load_config``)
+    whose ``train`` section may not set ``out_dir``/``seed`` (they come from --out/--seed)."""
+    base = load_yaml(resolve_config_path(path, subdir)) if path else {}
+    raw = apply_overrides(set_values(base, flags), overrides)
+    check_train_section(raw.get("train") or {})
+    return from_dict(cls, raw)
+
+
+def config_record(cfg: Any) -> dict[str, Any]:
+    """A run config as recorded and hashed: every section's fields, without the ``train``
+    section's ``out_dir``/``seed`` (they are the run's --out/--seed, recorded on their own)."""
+    rec = dataclasses.asdict(cfg)
+    for key in ("out_dir", "seed"):
+        rec.get("train", {}).pop(key, None)
+    return rec
+
+
+def train_config(train: TrainConfig, out: str | Path, seed: int) -> TrainConfig:
+    """The ``train`` section with the run's output folder and seed."""
+    return dataclasses.replace(train, out_dir=str(out), seed=seed)
 
 
 def write_json(path: Path, obj: dict[str, Any]) -> None:

@@ -1,6 +1,6 @@
 """Per-slide scores for the viewer, computed once per slide and cached (never per tile).
 
-- MIL: ``slidefm.pipelines.heatmap.score_slide`` (the numbers ``slidefm heatmap`` writes):
+- MIL: ``slidefm.eval.heatmap_slide.score_slide`` (the numbers ``slidefm heatmap`` writes):
   per-tile attention or gradient × input, rank-normalised for display, and the slide's class
   probabilities.
 - Zero-shot (alignment checkpoint + prompt file): slide-level class probabilities
@@ -80,7 +80,7 @@ class Models:
             self.mil_path = str(mil)
         self.align, self.align_prov, self.prompts, self.class_emb = None, None, None, None
         if align is not None:
-            from slidefm.pipelines.align_inputs import load_model
+            from slidefm.eval.checkpoint_inputs import load_model
 
             self.align, self.align_prov = load_model(align, str(self.device), seed)
             if prompts is not None:
@@ -102,7 +102,7 @@ class Models:
             return None
         with self._lock:
             if self._reports is None:
-                from slidefm.pipelines.align import case_reports, first_report
+                from slidefm.io.reports import case_reports, first_report
 
                 df = cohort.manifest
                 cases, rows = case_reports(df, "report")
@@ -113,7 +113,7 @@ class Models:
 
 
 def _mil_layer(models: Models, sf: SlideFeatures) -> tuple[Layer, dict[str, Any]]:
-    from slidefm.pipelines.heatmap import score_slide
+    from slidefm.eval.heatmap_slide import score_slide
 
     res = score_slide(models.mil_model, models.mil_meta, sf, None, models.device)
     classes, prob, cls = res["classes"], res["probabilities"], res["class"]

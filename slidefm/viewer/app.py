@@ -96,7 +96,7 @@ class Viewer:
     def tissue(self, slide_id: str) -> tuple[np.ndarray, float]:
         """(mask, level-0 px per mask px), computed once per slide as encode-slides does."""
         if slide_id not in self._tissue:
-            from slidefm.pipelines.encode import EncodeConfig
+            from slidefm.encoders.encode_config import EncodeConfig
             from slidefm.wsi.tissue import slide_tissue_mask
 
             reader = self.view(slide_id).reader

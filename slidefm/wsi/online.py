@@ -39,19 +39,18 @@ class OnlinePatchConfig:
     max_tries: int = 20  # redraws before keeping the most tissue-covered candidate
     samples_per_epoch: int = 10_000
     max_upsample: float = 1.1  # level-0 µm/px may exceed the finest target by this factor
-    tissue: dict = dataclasses.field(default_factory=dict)  # TissueConfig fields
+    tissue: TissueConfig = dataclasses.field(default_factory=TissueConfig)
 
     def __post_init__(self) -> None:
         if self.weighting not in ("area", "uniform"):
             raise ValueError(f"weighting must be area or uniform, not {self.weighting!r}")
         if not self.mpps or min(self.mpps) <= 0:
             raise ValueError(f"mpps must be positive µm/px values, got {self.mpps}")
+        if isinstance(self.tissue, dict):  # a library caller's mapping: checked like YAML
+            object.__setattr__(self, "tissue", from_dict(TissueConfig, self.tissue, "tissue"))
 
     def tissue_config(self) -> TissueConfig:
-        return from_dict(
-            TissueConfig,
-            {k: tuple(v) if isinstance(v, list) else v for k, v in self.tissue.items()},
-        )
+        return self.tissue
 
 
 @dataclasses.dataclass(frozen=True)

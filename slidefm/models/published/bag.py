@@ -80,8 +80,33 @@ class PublishedBagEncoder(nn.Module):
             )
         return torch.stack(outs)
 
+    def config_record(self) -> dict[str, Any]:
+        """What a MIL checkpoint records to rebuild this encoder (its weights are saved with
+        the head): registry name, architecture overrides, readout."""
+        arch = getattr(self.published, "arch_overrides", {})
+        return {"published": self.name, "arch": dict(arch), "readout": self.readout}
+
     def extra_repr(self) -> str:
         return f"{self.name}, readout={self.readout!r}"
+
+
+def bag_encoder_from_record(record: dict[str, Any]) -> PublishedBagEncoder:
+    """The architecture recorded by ``config_record`` (random weights: a checkpoint loads its own)."""
+    return published_bag_encoder(
+        record["published"], "random", record.get("readout"), **record["arch"]
+    )
+
+
+def position_inputs(encoder: nn.Module, batch: dict[str, Any]) -> dict[str, Any]:
+    """The keyword inputs ``encoder`` needs beyond (features, grid, padding_mask): level-0
+    coords and patch size for published encoders, nothing for slidefm's own."""
+    if not getattr(encoder, "needs_coords", False):
+        return {}
+    if "coords" not in batch:
+        raise ValueError(
+            "this batch has no level-0 coords (bags from FeatureBagDataset carry them)"
+        )
+    return {"coords": batch["coords"], "patch_size_level0": batch["patch_size_level0"]}
 
 
 def _single(published: PublishedSlideEncoder) -> list[str]:

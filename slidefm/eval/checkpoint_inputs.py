@@ -1,34 +1,28 @@
-"""Inputs of the commands that apply an alignment checkpoint (``zero-shot``, ``retrieve``).
-
-Both read the same things the same way: a seeded ``SlideTextModel`` with its provenance
-(checkpoint sha256, whether its slide encoder had random weights), slides as tile-feature files
-or a slide-embedding H5, and the manifest rows of one split. Keeping that here means the two
-commands cannot drift apart in flags, error messages or what they record.
+"""What the commands that apply an alignment checkpoint (``zero-shot``, ``retrieve``) read, read
+one way: a seeded ``SlideTextModel`` with its provenance (checkpoint sha256, whether its slide
+encoder had random weights), the provenance of the slides scored now, and the manifest rows
+of one split without the patients the checkpoint was trained on. Keeping that here means the
+two commands cannot drift apart in error messages or in what they record.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from slidefm.encoders.registry import sha256_file
 from slidefm.io.provenance import random_weight_notes, tile_encoder_info
-from slidefm.pipelines.embed import file_sha256
 from slidefm.runtime import pick_device, seed_everything
 
-if TYPE_CHECKING:  # heavy modules load inside the functions (`slidefm --help` stays fast)
+if TYPE_CHECKING:  # heavy modules load inside the functions
     import pandas as pd
 
     from slidefm.models.clip import SlideTextModel
 
 log = logging.getLogger(__name__)
-
-# Options of ``add_input_args``/``add_run_args`` that ``run_kwargs`` forwards by name to
-# run_zero_shot / run_retrieve (--checkpoint and --out are positional there).
-RUN_OPTIONS = ("features", "embeddings", "max_tiles", "n_boot", "seed", "device", "include_seen")
 
 
 def checkpoint_provenance(path: str | Path, model: SlideTextModel) -> dict[str, Any]:
@@ -37,7 +31,7 @@ def checkpoint_provenance(path: str | Path, model: SlideTextModel) -> dict[str, 
     extra = getattr(model, "checkpoint_extra", {})
     return {
         "checkpoint": str(Path(path).resolve()),
-        "checkpoint_sha256": file_sha256(path),
+        "checkpoint_sha256": sha256_file(path),
         "slide_encoder_weights": extra.get("slide_encoder_weights", "unknown"),
         "tile_encoder": extra.get("tile_encoder", "unknown"),
         "tile_encoder_weights": extra.get("tile_encoder_weights", "unknown"),
@@ -156,34 +150,3 @@ def manifest_rows(
     if label_column and label_column not in df:
         raise ValueError(f"manifest has no label column {label_column!r}")
     return strip_labels(df, [label_column]) if label_column else df
-
-
-def add_input_args(p: argparse.ArgumentParser) -> None:
-    """``--checkpoint`` and the slides: ``--features`` DIR or ``--embeddings`` H5."""
-    p.add_argument(
-        "--checkpoint", required=True, help="alignment checkpoint (<align out>/align.pt)"
-    )
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--features", help="folder of <slide_id>.h5 tile-feature files")
-    src.add_argument(
-        "--embeddings", help="slide-embedding H5 (same slide encoder as the checkpoint)"
-    )
-
-
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    """Tile subset, bootstrap, device, output folder and seed (the last options of both)."""
-    p.add_argument("--max-tiles", type=int, default=None, help="random tile subset per slide")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap draws for the CIs")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--seed", type=int, default=0, help="random seed, recorded (default 0)")
-    p.add_argument(
-        "--include-seen",
-        action="store_true",
-        help="also score patients the checkpoint was trained on (left out by default: leakage)",
-    )
-
-
-def run_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """The keyword arguments of ``RUN_OPTIONS`` from parsed command-line options."""
-    return {name: getattr(args, name) for name in RUN_OPTIONS}

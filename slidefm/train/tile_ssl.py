@@ -1,5 +1,5 @@
-"""Implementation of ``slidefm pretrain-tiles`` (CLI: ``pretrain_tiles.py``): DINOv2-style self-supervised training (or domain adaptation) of
-a tile encoder straight from whole-slide images, with online patching (nothing on disk).
+"""``slidefm pretrain-tiles`` (CLI: ``pipelines/pretrain_tiles.py``): DINOv2-style
+self-supervised training (or domain adaptation) of a tile encoder straight from whole-slide images, with online patching (nothing on disk).
 
 Outputs in ``--out``: ``checkpoints/step_*.pt`` (exact resume, sampler position included:
 re-run the same command), ``metrics.csv`` + ``loss_curve.png`` (losses, lr, RankMe / ODCorr of
@@ -21,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from slidefm.config import apply_overrides, config_hash, from_dict, load_yaml, resolve_config_path
+from slidefm.config import config_hash
 from slidefm.encoders.registry import (
     build_model,
     get_spec,
@@ -36,20 +36,22 @@ from slidefm.eval.metrics import balanced_accuracy
 from slidefm.eval.probes import knn_probe
 from slidefm.eval.rankme import odcorr, rankme
 from slidefm.io.atomic import atomic_path
-from slidefm.pipelines.encode import SlideJob, collect_slides
 from slidefm.runtime import dist_info, seed_everything
 from slidefm.train.data import make_loader
 from slidefm.train.loop import TrainConfig
 from slidefm.train.run_dir import (
     RUN_CONFIG,
     TRAIN_OUTPUTS,
-    check_train_section,
     claim_run_dir,
+    config_record,
     fit_run,
     inputs_hash,
+    load_run_config,
     run_identity,
+    train_config,
     write_json,
 )
+from slidefm.wsi.jobs import SlideJob
 from slidefm.wsi.online import OnlinePatchConfig, OnlinePatchDataset, SlideTissue, prepare_slides
 from slidefm.wsi.patches import read_patch
 from slidefm.wsi.reader import SlideReader
@@ -81,29 +83,12 @@ class TileEvalConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainTilesConfig:
-    patches: dict = dataclasses.field(default_factory=dict)  # OnlinePatchConfig
-    crops: dict = dataclasses.field(default_factory=dict)  # MultiCropConfig
-    ssl: dict = dataclasses.field(default_factory=dict)  # SSLConfig
-    data: dict = dataclasses.field(default_factory=dict)  # TileDataConfig
-    eval: dict = dataclasses.field(default_factory=dict)  # TileEvalConfig
-    train: dict = dataclasses.field(default_factory=dict)  # TrainConfig
-
-
-def _tuples(d: dict) -> dict:
-    return {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-
-
-def load_run_config(path: str | None, overrides: list[str] | None) -> dict[str, Any]:
-    """YAML (+ overrides) → plain dict, validated by building every section's dataclass."""
-    raw = load_yaml(resolve_config_path(path, "pretrain_tiles")) if path else {}
-    run = from_dict(PretrainTilesConfig, apply_overrides(raw, overrides))
-    from_dict(OnlinePatchConfig, _tuples(run.patches))
-    from_dict(MultiCropConfig, _tuples(run.crops))
-    from_dict(SSLConfig, _tuples(run.ssl))
-    from_dict(TileDataConfig, run.data)
-    from_dict(TileEvalConfig, run.eval)
-    check_train_section(run.train)
-    return dataclasses.asdict(run)
+    patches: OnlinePatchConfig = dataclasses.field(default_factory=OnlinePatchConfig)
+    crops: MultiCropConfig = dataclasses.field(default_factory=MultiCropConfig)
+    ssl: SSLConfig = dataclasses.field(default_factory=SSLConfig)
+    data: TileDataConfig = dataclasses.field(default_factory=TileDataConfig)
+    eval: TileEvalConfig = dataclasses.field(default_factory=TileEvalConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
 def build_trunk(encoder: str, weights: str) -> tuple[torch.nn.Module, str]:
@@ -205,6 +190,28 @@ def save_tile_encoder(out: Path, model: DINOModel, meta: dict[str, Any]) -> dict
     return info
 
 
+def tile_encoder_meta(
+    encoder: str, spec: Any, seed: int, steps: int, weights_id: str, run_hash: str
+) -> dict[str, Any]:
+    """What ``tile_encoder.json`` records: the registry architecture (so the weights load
+    strictly into it), the training run and the weights it started from."""
+    return {
+        "registry_name": encoder,
+        "arch": spec.arch,
+        "timm_kwargs": spec.timm_kwargs,
+        "input_size": spec.input_size,
+        "mean": list(spec.mean),
+        "std": list(spec.std),
+        "pooling": spec.pooling,
+        "embed_dim": spec.embed_dim,
+        "seed": seed,
+        "steps": steps,
+        "source_weights": weights_id,
+        "config_hash": run_hash,
+        "trained_by": "slidefm pretrain-tiles (DINO + iBOT + KoLeo, EMA teacher exported)",
+    }
+
+
 def run_pretrain_tiles(
     jobs: list[SlideJob],
     encoder: str,
@@ -221,13 +228,10 @@ def run_pretrain_tiles(
     ``out`` belongs to one (config, weights, slides, seed): another run there is refused
     unless ``overwrite`` (see ``train.run_dir.claim_run_dir``)."""
     out = Path(out)
-    cfgd = load_run_config(config, overrides)
-    pcfg = from_dict(OnlinePatchConfig, _tuples(cfgd["patches"]))
-    ccfg = from_dict(MultiCropConfig, _tuples(cfgd["crops"]))
-    scfg = from_dict(SSLConfig, _tuples(cfgd["ssl"]))
-    dcfg = from_dict(TileDataConfig, cfgd["data"])
-    ecfg = from_dict(TileEvalConfig, cfgd["eval"])
-    tcfg = from_dict(TrainConfig, {**cfgd["train"], "out_dir": str(out), "seed": seed})
+    cfg = load_run_config(PretrainTilesConfig, config, overrides, "pretrain_tiles")
+    pcfg, ccfg, scfg, dcfg, ecfg = cfg.patches, cfg.crops, cfg.ssl, cfg.data, cfg.eval
+    tcfg = train_config(cfg.train, out, seed)
+    cfgd = config_record(cfg)
     spec = get_spec(encoder)
     slides, skipped = prepare_slides(jobs, pcfg)
     for sid, why in skipped:
@@ -268,36 +272,7 @@ def run_pretrain_tiles(
         model.train()
     finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step)
     if rank == 0 and finished:
-        meta = {
-            "registry_name": encoder,
-            "arch": spec.arch,
-            "timm_kwargs": spec.timm_kwargs,
-            "input_size": spec.input_size,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "pooling": spec.pooling,
-            "embed_dim": spec.embed_dim,
-            "seed": seed,
-            "steps": info["steps"],
-            "source_weights": weights_id,
-            "config_hash": run_hash,
-            "trained_by": "slidefm pretrain-tiles (DINO + iBOT + KoLeo, EMA teacher exported)",
-        }
+        meta = tile_encoder_meta(encoder, spec, seed, info["steps"], weights_id, run_hash)
         info["tile_encoder"] = save_tile_encoder(out, model, meta)
         write_json(out / RUN_CONFIG, info)
     return info
-
-
-def select_jobs(inputs: list[str], manifest: str | None, split: str | None) -> list[SlideJob]:
-    """Slides of the command line / manifest; ``split`` keeps the manifest's rows of that split
-    (paths relative to the manifest's folder are resolved)."""
-    if manifest and split:
-        df = pd.read_csv(manifest)
-        if "split" not in df:
-            raise ValueError(f"{manifest} has no split column for --split {split}")
-        keep = set(df.loc[df["split"].astype(str) == split, "slide_id"].astype(str))
-        if not keep:
-            raise ValueError(f"{manifest}: no rows with split == {split!r}")
-        jobs = [j for j in collect_slides([], manifest) if j.slide_id in keep]
-        return jobs + (collect_slides(inputs) if inputs else [])
-    return collect_slides(inputs, manifest)
