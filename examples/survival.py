@@ -114,7 +114,7 @@ def baseline_embeddings(feats: Path, encoder: Path, out: Path, seed: int = 0) ->
     from slidefm.io.bags import FeatureBagDataset
     from slidefm.io.embeddings import write_embeddings
     from slidefm.models.slide_encoder import SlideEncoder
-    from slidefm.pipelines.embed import embed_dataset
+    from slidefm.eval.embed import embed_dataset
     from slidefm.runtime import seed_everything
 
     bags = FeatureBagDataset(feats)
