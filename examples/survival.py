@@ -111,10 +111,10 @@ def baseline_embeddings(feats: Path, encoder: Path, out: Path, seed: int = 0) ->
     """The two comparison embeddings, written as ``embed-slides`` files: the pretrained
     encoder's architecture at random weights (same input standardisation), and the mean of each
     slide's tile features (sees tile-type shares such as necrosis %, not the layout)."""
+    from slidefm.eval.embed import embed_dataset
     from slidefm.io.bags import FeatureBagDataset
     from slidefm.io.embeddings import write_embeddings
     from slidefm.models.slide_encoder import SlideEncoder
-    from slidefm.eval.embed import embed_dataset
     from slidefm.runtime import seed_everything
 
     bags = FeatureBagDataset(feats)
