@@ -80,19 +80,21 @@ def test_mil_biomarker_example_quick(tmp_path):
 
 @pytest.mark.slow
 def test_survival_example_quick(tmp_path):
-    """--quick: tiny synthetic slides → encode → pretrain → survival MIL runs and the shuffled-
-    follow-up control; the JSON summary has every run with a C-index inside its CI, and the
-    ground-truth C-index recomputed from the cohort's survival.csv."""
+    """--quick: tiny synthetic slides → encode → pretrain → Cox probes on the pretrained, the
+    random-weight and the mean-pooled embeddings, the shuffled-follow-up control and one MIL
+    model; the JSON summary has every run with a C-index inside its CI, and the ground-truth
+    C-index recomputed from the cohort's survival.csv."""
     cmd = [sys.executable, str(REPO / "examples" / "survival.py"), "--out", str(tmp_path)]
-    cmd += ["--quick", "--n-boot", "100"]
+    cmd += ["--quick", "--n-boot", "100", "--mil", "abmil"]
     proc = subprocess.run(
         cmd, capture_output=True, text=True, timeout=1800, cwd=tmp_path
-    )  # ~3 min alone; generous on a shared CPU
+    )  # ~2.5 min alone; generous on a shared CPU
     assert proc.returncode == 0, proc.stderr[-2000:]
     summary = json.loads(proc.stdout[proc.stdout.index('{\n  "cohort"') :])
-    want = {"slide_encoder", "abmil", "mean", "slide_encoder__shuffled_follow_up"}
-    assert set(summary["runs"]) == want
+    want = {"slide_encoder", "slide_encoder_random_weights", "mean_pool", "mil_abmil"}
+    assert set(summary["runs"]) == want | {"slide_encoder__shuffled_follow_up"}
     for run in summary["runs"].values():
         value, lo, hi = run["c_index"]
         assert lo <= value <= hi and run["events"] > 0
+    assert len(summary["runs"]["slide_encoder"]["logrank_p"]) == 3  # one per CV seed
     assert 0.5 < summary["ground_truth_c_index"]["true_risk"] <= 1.0
