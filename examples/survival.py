@@ -20,14 +20,13 @@ CIs and the median-split log-rank p, next to the C-index of the true risk (and o
     python examples/survival.py --out outputs/survival --mil abmil,mean   # + MIL models
     python examples/survival.py --out outputs/survival_quick --quick  # tiny smoke run
 
-Measured so far (2-core CPU shared with ~6 other jobs, load 8–13). Default cohort: 560 slides,
-287 patients, 210 events; true-risk C-index 0.745 (biomarker_spatial alone 0.699, necrosis_pct
-alone 0.597); mean_pool Cox probe 0.495 [0.454, 0.532] (3 seeds, 5 folds): mean-pooled
-random-weight tile features do not see the planted signal. The default slide-encoder numbers
-are NOT measured yet: pretraining ran at 3–11 s/step on that loaded CPU (~0.12 s/step idle),
-so the 2000 steps did not fit the session; re-running the same command resumes every stage.
-Diagnostic: the encoder at its step-500 checkpoint gives Cox-probe C-index 0.508 [0.472, 0.540]
-(same folds and seeds): no survival signal yet at a quarter of the recipe.
+Measured with the default command (2-core CPU; 560 slides, 287 patients, 210 events; 3 seeds ×
+5 folds): true-risk C-index 0.745 (biomarker_spatial alone 0.699, necrosis_pct alone 0.597);
+Cox probe on the pretrained slide encoder 0.648 [0.616, 0.681] (log-rank p ≈ 1e-11 per seed),
+same architecture at random weights 0.484 [0.451, 0.519], mean-pooled tile features 0.495
+[0.456, 0.531], shuffled-follow-up control 0.470 [0.435, 0.505]. Pretraining took 437 s; the
+stages after encoding 13 CPU-min in all.
+
 Earlier (300 slides, encoder pretrained only 1000 steps, MIL heads, 1 seed): true risk 0.753,
 frozen slide encoder 0.541 [0.485, 0.595], ABMIL 0.510, mean 0.489, shuffled control 0.538;
 that encoder separated biomarker_spatial with linear-probe AUROC only 0.62, while the full
