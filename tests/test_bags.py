@@ -158,7 +158,7 @@ def test_items_carry_each_tiles_level0_coords(tmp_path, cached):
 
     ids = write_random_bags(tmp_path, num=3, n_range=(40, 60))
     bags = load_bags(list_feature_files(tmp_path), progress=False, cache_gb=8.0 if cached else 0)
-    assert (bags.cached_positions is not None) == cached
+    assert (bags.cached is not None) == cached
     datasets = [
         FeatureBagDataset(tmp_path, crop=(4, 6), max_tiles=15, seed=1),
         bag_rows(bags, np.arange(3), np.zeros(3), max_tiles=15, seed=1),

@@ -220,12 +220,11 @@ def check_slide_encoder_inputs(spec: str, path: Path) -> None:
     """A published slide encoder refuses features it was not trained on, as in embed-slides
     (width, recorded tile encoder); checkpoints and slidefm configs check the width when built."""
     from slidefm.eval.embed import check_published_inputs
-    from slidefm.io.features import read_attrs, read_features
+    from slidefm.io.features import cohort_key, read_attrs
     from slidefm.models.registry import PUBLISHED
 
-    if spec in PUBLISHED:
-        dim = int(read_features(path).features.shape[1])
-        check_published_inputs(PUBLISHED[spec], Path(path), read_attrs(path), dim)
+    if spec in PUBLISHED:  # attrs and the dataset shape only: nothing is read yet
+        check_published_inputs(PUBLISHED[spec], Path(path), read_attrs(path), cohort_key(path)[1])
 
 
 def _cohort(run: MILRun, cfg: MILConfig, df: pd.DataFrame, strata: list[str], task: Task):

@@ -23,41 +23,48 @@ log = logging.getLogger(__name__)
 CropSpec = int | tuple[int, int] | None
 
 
+# (features (N, D) float32, grid (N, 2) int64, level-0 coords (N, 2) int64 of each tile's
+# top-left corner, patch side in level-0 px): what every bag consumer reads of one slide.
+SlideArrays = tuple[np.ndarray, np.ndarray, np.ndarray, float]
+
+
+def slide_arrays(sf: SlideFeatures) -> SlideArrays:
+    """One slide's bag arrays (coords and patch size: what published encoders read)."""
+    return (
+        sf.features.astype(np.float32, copy=False),
+        sf.grid.astype(np.int64),
+        np.asarray(sf.coords, dtype=np.int64),
+        float(sf.attrs.get("patch_size_level0") or 0),
+    )
+
+
 @dataclasses.dataclass
 class Bags:
-    """A cohort's bags: features (N_i, D) float32 and grid (N_i, 2) int64 per slide, held in
-    memory when they fit in ``cache_gb`` (every fold and seed of a protocol run reuses them),
-    else read from disk at each access. ``embeddings`` caches frozen slide-encoder outputs
-    (N_slides, E) per encoder key (``eval.inference.frozen_embeddings``)."""
+    """A cohort's bags (``SlideArrays`` per slide), held in memory when they fit in
+    ``cache_gb`` (every fold and seed of a protocol run reuses them), else read from disk at
+    each access. ``embeddings`` caches frozen slide-encoder outputs (N_slides, E) per encoder
+    key (``eval.inference.frozen_embeddings``)."""
 
     paths: list[Path]
     dim: int
     attrs: dict[str, Any]
-    cached: list[tuple[np.ndarray, np.ndarray]] | None = None
+    cached: list[SlideArrays] | None = None
     embeddings: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
-    cached_positions: list[tuple[np.ndarray, float]] | None = None
 
     @property
     def slide_ids(self) -> list[str]:
         return [p.stem for p in self.paths]
 
-    def get(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+    def item(self, j: int) -> SlideArrays:
+        """Slide ``j``'s arrays, from one read of its file when not cached."""
         if self.cached is not None:
             return self.cached[j]
-        sf = read_features(self.paths[j])
-        return sf.features.astype(np.float32, copy=False), sf.grid.astype(np.int64)
+        return slide_arrays(read_features(self.paths[j]))
 
-    def positions(self, j: int) -> tuple[np.ndarray, float]:
-        """(coords (N_j, 2) int64 level-0 px of each tile's top-left corner, patch side in
-        level-0 px) of slide ``j``: what published encoders (absolute positions) read."""
-        if self.cached_positions is not None:
-            return self.cached_positions[j]
-        return slide_positions(read_features(self.paths[j]))
-
-
-def slide_positions(sf: SlideFeatures) -> tuple[np.ndarray, float]:
-    """(level-0 coords (N, 2) int64, patch_size_level0) of a slide's tiles."""
-    return np.asarray(sf.coords, dtype=np.int64), float(sf.attrs.get("patch_size_level0") or 0)
+    def get(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(features (N, D) float32, grid (N, 2) int64) of slide ``j``."""
+        features, grid, _, _ = self.item(j)
+        return features, grid
 
 
 def load_bags(paths: Sequence[Path], progress: bool = True, cache_gb: float = 8.0) -> Bags:
@@ -71,10 +78,7 @@ def load_bags(paths: Sequence[Path], progress: bool = True, cache_gb: float = 8.
     bags = Bags(list(paths), shapes[0][1], attrs)
     if sum(n * d for n, d in shapes) * 4 / 2**30 <= cache_gb:
         bar = tqdm(range(len(paths)), desc="reading features", unit="slide", disable=not progress)
-        slides = [read_features(p) for p in (paths[j] for j in bar)]
-        bags.cached = [(sf.features.astype(np.float32, copy=False), sf.grid.astype(np.int64))
-                       for sf in slides]  # fmt: skip
-        bags.cached_positions = [slide_positions(sf) for sf in slides]
+        bags.cached = [bags.item(j) for j in bar]
     else:
         log.info("features exceed %.1f GB: reading them from disk at each access", cache_gb)
     return bags
@@ -254,20 +258,14 @@ class FeatureBagDataset(Dataset):
                 self._cache[index] = sf
         return sf
 
-    def _positions(self, index: int) -> tuple[np.ndarray, float]:
+    def _arrays(self, index: int) -> SlideArrays:
+        """Item ``index``'s arrays, whole and unaugmented (one read of the file at most)."""
         if self.store is not None:
-            return self.store.positions(int(self.rows[index]))
-        return slide_positions(self.slide(index))
-
-    def _arrays(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """(features (N, D), grid (N, 2) int64) of item ``index``, whole and unaugmented."""
-        if self.store is not None:
-            return self.store.get(int(self.rows[index]))
-        sf = self.slide(index)
-        return sf.features, np.asarray(sf.grid, dtype=np.int64)
+            return self.store.item(int(self.rows[index]))
+        return slide_arrays(self.slide(index))
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        features, grid = self._arrays(index)
+        features, grid, coords, patch_level0 = self._arrays(index)
         rng = item_rng(self.seed, self.epoch, index)
         idx = random_grid_crop(grid, self.crop, rng)
         idx = idx[subsample(len(idx), self.max_tiles, rng)]
@@ -278,7 +276,6 @@ class FeatureBagDataset(Dataset):
             feats = feature_dropout(feats, self.dropout, rng)
         elif len(grid) and self.center_grid:
             grid = grid - grid.min(axis=0, keepdims=True)
-        coords, patch_level0 = self._positions(index)
         item = {
             "slide_id": self.slide_ids[index],
             "features": torch.from_numpy(np.ascontiguousarray(feats)),
