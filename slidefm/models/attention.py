@@ -180,14 +180,31 @@ class BlockwiseBackend(AttentionBackend):
         rows = _block_rows(block_size, bsz, heads, total)
         if bias.zero and self.unblocked_without_bias:
             rows = total
+        if rows >= total:
+            return self.kernel(q, k, v, bias, slice(0, total), mask)
+        if not _needs_grad(q, k, v):
+            return self._attend_into(q, k, v, bias, mask, rows)
         outs = []
         for s in range(0, total, rows):
             args = (q[:, :, s : s + rows], k, v, bias, slice(s, min(total, s + rows)), mask)
-            if rows < total and _needs_grad(q, k, v):
-                outs.append(checkpoint(self.kernel, *args, use_reentrant=False))
-            else:
-                outs.append(self.kernel(*args))
-        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+            outs.append(checkpoint(self.kernel, *args, use_reentrant=False))
+        return torch.cat(outs, dim=2)
+
+    def _attend_into(self, q, k, v, bias, mask: Mask, rows: int) -> torch.Tensor:
+        """Inference: every block is copied into one preallocated output. Keeping the blocks'
+        outputs alive until a final ``cat`` pinned the heap between the blocks' transient
+        tiles, so glibc could never reuse them: +11 MB resident per block, 5.3 GB instead of
+        2.2 GB for one TITAN layer at 32k tokens on 2 threads."""
+        total = q.shape[2]
+        out = None
+        for s in range(0, total, rows):
+            e = min(total, s + rows)
+            blk = self.kernel(q[:, :, s:e], k, v, bias, slice(s, e), mask)
+            if out is None:
+                out = blk.new_empty(*blk.shape[:2], total, blk.shape[3])
+            out[:, :, s:e] = blk
+            del blk
+        return out
 
     def _out_and_lse(self, q, k, v, key_padding_mask, safe):
         return self.kernel(q, k, v, NO_BIAS, slice(0, q.shape[2]), safe), None

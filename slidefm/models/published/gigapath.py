@@ -19,6 +19,8 @@ Only the positions of the tiles present are computed: the published model holds 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from einops import rearrange
@@ -150,33 +152,40 @@ class GigaPathSlideEncoder(PublishedSlideEncoder):
         i, j = row // self.slide_ngrids, row % self.slide_ngrids  # i: x cell, j: y cell (wrapped)
         return sincos_2d(torch.stack([j, i], dim=-1), self.embed_dim, compute_dtype=torch.float64)
 
-    def hidden_states(self, features: torch.Tensor, coords: torch.Tensor) -> list[torch.Tensor]:
-        """[N, D], [N, 2] → the depth + 1 hidden states [1, N + 1, E] (before ``layer_norm``)."""
+    def hidden_states(
+        self,
+        features: torch.Tensor,
+        coords: torch.Tensor,
+        reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        last_only: bool = False,
+    ) -> list[torch.Tensor]:
+        """[N, D], [N, 2] → the depth + 1 hidden states [1, N + 1, E] (before ``layer_norm``),
+        each passed through ``reduce`` as soon as it exists; ``last_only`` keeps only the last.
+        A readout keeps only what it needs: the 13 states of a 64k-tile slide are 2.6 GB."""
         x = self.patch_embed.proj(features[None])
         x = x + self.positions(coords).to(x.dtype)[None]
         x = torch.cat([self.cls_token.to(x.dtype), x], dim=1)
-        states = [x]
+        keep = reduce or (lambda t: t)
+        kept = [] if last_only else [keep(x)]
         for layer in self.encoder.layers:
             x = layer(x)
-            states.append(x)
-        return states
+            if not last_only:
+                kept.append(keep(x))
+        return [keep(x)] if last_only else kept
 
     def forward_tokens(self, features: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
         """[N, D], [N, 2] → tokens after ``encoder.layer_norm``: [1, N + 1, E] (CLS first)."""
-        return self.encoder.layer_norm(self.hidden_states(features, coords)[-1])
+        return self.hidden_states(features, coords, self.encoder.layer_norm, last_only=True)[0]
 
     def embed_one(self, features, coords, patch_size_level0, readout):
-        states = self.hidden_states(features, coords)
-        if readout in ("cls", "mean"):
-            states = [self.encoder.layer_norm(states[-1])]
-
         def pool(x: torch.Tensor) -> torch.Tensor:
             if readout.endswith("mean"):
                 return self.norm(x[:, 1:].mean(dim=1))[0]
             return self.norm(x)[0, 0]
 
-        outs = [pool(x) for x in states]
-        return torch.stack(outs) if readout in self.all_layer_readouts else outs[0]
+        if readout in self.all_layer_readouts:
+            return torch.stack(self.hidden_states(features, coords, pool))
+        return pool(self.forward_tokens(features, coords))
 
 
 def convert_gigapath(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
