@@ -46,6 +46,8 @@ def embed_dataset(
     """
     from tqdm import tqdm
 
+    from slidefm.models.published.bag import position_inputs
+
     device = device or next(encoder.parameters()).device
     was_training = encoder.training
     encoder.eval()
@@ -54,8 +56,11 @@ def embed_dataset(
         item = dataset[i]
         feats = item["features"].unsqueeze(0).to(device)
         grid = item["grid"].unsqueeze(0).to(device)
+        pos = position_inputs(encoder, item)  # published encoders: level-0 coords, patch size
+        if pos:
+            pos["coords"] = pos["coords"][None].to(device)
         with autocast(device, precision):
-            z = encoder(feats, grid, None)
+            z = encoder(feats, grid, None, **pos)
         ids.append(item["slide_id"])
         out.append(z.float().cpu().numpy()[0])
     encoder.train(was_training)

@@ -49,6 +49,8 @@ def random_weight_notes(info: Mapping[str, Any]) -> list[str]:
         notes.append(f"tile features come from a RANDOMLY INITIALISED {name} (not pretrained)")
     if is_random(info.get("slide_encoder_weights")):
         notes.append("the slide encoder has RANDOM WEIGHTS (never pretrained)")
+    if is_random(info.get("init_weights")):
+        notes.append("continued pretraining started from RANDOM WEIGHTS, not the published model")
     return notes
 
 

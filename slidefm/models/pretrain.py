@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slidefm.models.published.bag import position_inputs
 from slidefm.models.standardize import Standardize, keep_flat_keys
 
 
@@ -197,6 +198,11 @@ class MaskedFeatureModel(nn.Module):
         self.encoder = encoder
         d_model = encoder.config.d_model
         self.decoder = FeatureDecoder(d_model, in_dim, cfg)
+        if cfg.distill_weight > 0 and getattr(encoder, "needs_coords", False):
+            raise ValueError(
+                "the slide-level distillation (objective.distill_weight > 0) is not available "
+                "for published slide encoders; set objective.distill_weight=0"
+            )
         if cfg.distill_weight > 0:
             self.student_head = _distill_head(encoder.embed_dim, cfg.distill_dim)
             self.teacher = copy.deepcopy(encoder).requires_grad_(False)
@@ -223,7 +229,9 @@ class MaskedFeatureModel(nn.Module):
             c = self.cfg
             token_mask = block_mask(grid, pad, c.mask_ratio, c.mask_block_min, c.mask_block_max)
         token_mask = token_mask & ~pad
-        prefix, tiles = self.encoder.forward_tokens(feats, grid, pad, token_mask=token_mask)
+        prefix, tiles = self.encoder.forward_tokens(
+            feats, grid, pad, token_mask=token_mask, **position_inputs(self.encoder, batch)
+        )
         pred = self.decoder(tiles, pad)
         target = feats.float()
         if self.cfg.standardize_targets:

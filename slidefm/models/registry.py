@@ -35,9 +35,13 @@ from slidefm.encoders.registry import (
     sha256_file,
     state_dict_mismatch,
 )
-from slidefm.models.published.chief import ChiefSlideEncoder, convert_chief
-from slidefm.models.published.gigapath import GigaPathSlideEncoder, convert_gigapath
-from slidefm.models.published.titan import TitanSlideEncoder, convert_titan
+from slidefm.models.published.chief import ChiefSlideEncoder, convert_chief, export_chief
+from slidefm.models.published.gigapath import (
+    GigaPathSlideEncoder,
+    convert_gigapath,
+    export_gigapath,
+)
+from slidefm.models.published.titan import TitanSlideEncoder, convert_titan, export_titan
 
 WeightsArg = str | Path | Mapping[str, torch.Tensor]
 log = logging.getLogger(__name__)
@@ -63,6 +67,8 @@ class SlideEncoderEntry:
     hub_files: tuple[str, ...] = ()
     build: Callable[..., nn.Module] | None = None
     convert: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None
+    export: Callable[[dict[str, torch.Tensor]], dict[str, Any]] | None = None  # convert⁻¹
+    export_file: str | None = None  # file name of weights saved in the published layout
     config: str | None = None  # slidefm YAML (kind "slidefm")
 
     def accepts_tile_encoder(self, recorded: str | None) -> bool | None:
@@ -94,6 +100,8 @@ PUBLISHED: dict[str, SlideEncoderEntry] = {
         hub_files=("slide_encoder.pth",),
         build=GigaPathSlideEncoder,
         convert=convert_gigapath,
+        export=export_gigapath,
+        export_file="slide_encoder.pth",
     ),
     "titan": SlideEncoderEntry(
         name="titan",
@@ -112,6 +120,8 @@ PUBLISHED: dict[str, SlideEncoderEntry] = {
         hub_files=("model.safetensors", "pytorch_model.bin"),
         build=TitanSlideEncoder,
         convert=convert_titan,
+        export=export_titan,
+        export_file="model.safetensors",
     ),
     "chief": SlideEncoderEntry(
         name="chief",
@@ -128,6 +138,8 @@ PUBLISHED: dict[str, SlideEncoderEntry] = {
         readouts=ChiefSlideEncoder.readouts,
         build=ChiefSlideEncoder,
         convert=convert_chief,
+        export=export_chief,
+        export_file="CHIEF_pretraining.pth",
     ),
 }
 
@@ -254,6 +266,27 @@ def load_published_state(
             f"(expected the published layout of {entry.weight_source})"
         )
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=True)
+
+
+def save_published_weights(model: nn.Module, path: str | Path) -> Path:
+    """Write a published encoder's weights in its published layout (``entry.export``), so
+    that ``--weights PATH`` and the original code read them as they read the downloaded
+    file: continued pretraining hands back a drop-in replacement. ``.safetensors`` or a
+    torch file by suffix; written to a temporary name and renamed (never half-written)."""
+    entry = model.registry_entry
+    if entry.export is None:
+        raise ValueError(f"slide encoder {entry.name!r} has no published layout to export")
+    sd = entry.export({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(sd, str(tmp))
+    else:
+        torch.save(sd, tmp)
+    os.replace(tmp, path)
+    return path
 
 
 def _build(entry: SlideEncoderEntry, arch: dict[str, Any]) -> nn.Module:

@@ -47,8 +47,11 @@ def run(args: argparse.Namespace) -> int:
     print(
         f"pretrained {info['steps']} steps on {info['num_train_slides']} slides: "
         f"loss {final.get('loss', float('nan')):.4g}, RankMe {final.get('rankme', float('nan')):.3g}"
-        f" ({info['rankme_on']}); encoder: {info.get('encoder_checkpoint', 'not yet (stopped)')}"
+        f" ({info['rankme_on']}); encoder: "
+        f"{info.get('encoder_checkpoint') or info.get('encoder_weights') or 'not yet (stopped)'}"
     )
+    if "use_with" in info:
+        print(f"published layout; use it as the downloaded weights: {info['use_with']}")
     for note in random_weight_notes(info):
         print(f"NOTE: {note}")
     return 0

@@ -42,9 +42,14 @@ class PretrainDataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class PretrainRunConfig:
-    encoder: str = "tiny"  # name/path under configs/slide_encoder/
-    # SlideEncoderConfig fields written over the named encoder config (a partial mapping:
-    # its keys are checked here, the values when the encoder is built).
+    # name/path under configs/slide_encoder/, or a published registry entry (gigapath, titan):
+    # continued pretraining of the published model on one's own cohort.
+    encoder: str = "tiny"
+    # Published entries only: the starting weights, hub | PATH (published layout) | random.
+    encoder_weights: str = ""
+    # Fields written over the named encoder config: SlideEncoderConfig's, or the published
+    # model's architecture options (a partial mapping: its keys are checked here, the values
+    # when the encoder is built).
     encoder_overrides: dict = dataclasses.field(default_factory=dict)
     match_input_dim: bool = False  # set the encoder's input_dim from the feature files
     standardize_inputs: bool = True  # encoder input (x − cohort mean) / std, saved in encoder.pt
@@ -52,14 +57,38 @@ class PretrainRunConfig:
     data: PretrainDataConfig = dataclasses.field(default_factory=PretrainDataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
+    @property
+    def published(self) -> bool:
+        from slidefm.models.registry import PUBLISHED
+
+        return self.encoder in PUBLISHED
+
     def __post_init__(self) -> None:
+        import inspect
+
+        from slidefm.models.registry import PUBLISHED
         from slidefm.models.slide_encoder import SlideEncoderConfig
 
-        known = {f.name for f in dataclasses.fields(SlideEncoderConfig)}
+        if self.published:
+            what = f"{self.encoder} architecture"
+            known = set(inspect.signature(PUBLISHED[self.encoder].build).parameters)
+            if not self.encoder_weights:
+                raise ConfigError(
+                    f"encoder_weights: the published slide encoder {self.encoder!r} starts from "
+                    "its weights: hub (HF cache), a path in the published layout, or random"
+                )
+        else:
+            what = "SlideEncoderConfig"
+            known = {f.name for f in dataclasses.fields(SlideEncoderConfig)}
+            if self.encoder_weights:
+                raise ConfigError(
+                    f"encoder_weights: only published encoders ({', '.join(PUBLISHED)}) take "
+                    f"starting weights; slidefm config {self.encoder!r} starts random"
+                )
         unknown = sorted(set(self.encoder_overrides) - known)
         if unknown:
             raise ConfigError(
-                f"encoder_overrides: Unknown SlideEncoderConfig option(s): {', '.join(unknown)}. "
+                f"encoder_overrides: Unknown {what} option(s): {', '.join(unknown)}. "
                 f"Known: {', '.join(sorted(known))}"
             )
 
@@ -105,6 +134,11 @@ def build_encoder(
     from slidefm.models.pretrain import feature_stats
     from slidefm.models.slide_encoder import SlideEncoder
 
+    order = np.random.default_rng(seed).permutation(len(ds))  # a fair sample when capped
+    if cfg.published:
+        return published_encoder(cfg, enc_kw, ds), feature_stats(
+            ds.slide(int(i)).features for i in order
+        )
     encoder = SlideEncoder.from_config(cfg.encoder, **enc_kw)
     if encoder.config.input_dim != in_dim:
         raise ValueError(
@@ -112,11 +146,28 @@ def build_encoder(
             f"{encoder.config.input_dim}-d; --set encoder_overrides.input_dim={in_dim} "
             "or --set match_input_dim=true"
         )
-    order = np.random.default_rng(seed).permutation(len(ds))  # a fair sample when capped
     stats = feature_stats(ds.slide(int(i)).features for i in order)
     if cfg.standardize_inputs:
         encoder.set_input_stats(*stats)
     return encoder, stats
+
+
+def published_encoder(cfg: PretrainRunConfig, enc_kw: dict[str, Any], ds: Any) -> Any:
+    """The published model with its starting weights, behind the bag interface with a mask
+    token. Its inputs are not standardised (it was trained on raw tile features); features it
+    was not trained on are refused as in ``embed-slides``."""
+    from slidefm.eval.embed import check_published_inputs
+    from slidefm.models.published.bag import PublishedBagEncoder
+    from slidefm.models.registry import create_slide_encoder
+
+    published = create_slide_encoder(cfg.encoder, weights=cfg.encoder_weights, **enc_kw)
+    entry = dataclasses.replace(published.registry_entry, input_dim=published.input_dim)
+    first = ds.slide(0)
+    check_published_inputs(entry, ds.paths[0], first.attrs, int(first.features.shape[1]))
+    if published.weights_id == "random":
+        log.warning("RANDOM WEIGHTS: %s starts from random weights (--set encoder_weights)",
+                    cfg.encoder)  # fmt: skip
+    return PublishedBagEncoder(published, mask_token=True)
 
 
 def make_eval_fn(features: str | Path, eval_ids: list[str], max_tiles: int | None, seed: int):
@@ -164,6 +215,7 @@ def describe_run(
         "rankme_on": "holdout" if hold_ids else "train (too few slides for a holdout)",
         **tile_encoder_info(ds.paths[0]),
         "slide_encoder_weights": "pretrained (this run)",
+        **({"init_weights": cfgd.get("encoder_weights")} if cfgd.get("encoder_weights") else {}),
     }
 
 
@@ -211,8 +263,9 @@ def run_pretrain(
     identity = info["identity"]
     for note in random_weight_notes(info):
         log.warning("RANDOM WEIGHTS: %s", note)
+    final = final_output(cfg)
     if dist_info()[0] == 0:
-        claim_run_dir(out, identity, overwrite, (*TRAIN_OUTPUTS, "encoder.pt"))
+        claim_run_dir(out, identity, overwrite, (*TRAIN_OUTPUTS, final))
     seed_everything(seed)
     encoder, stats = build_encoder(cfg, enc_kw, ds, in_dim, seed)
     model = MaskedFeatureModel(encoder, objective, feature_stats=stats)
@@ -232,5 +285,28 @@ def run_pretrain(
     finished = fit_run(model, loader, tcfg, info, eval_fn, stop_at_step=stop_at_step, title=title)
     if rank == 0 and finished:
         extra = {"pretrain_config": cfgd, **tile_encoder_info(ds.paths[0])}
-        save_final(out, info, encoder.save_checkpoint, "encoder.pt", "encoder_checkpoint", extra)
+        if cfg.published:  # the published layout: a drop-in for the downloaded weights
+            save_published(out, info, encoder, final, extra)
+        else:
+            save_final(out, info, encoder.save_checkpoint, final, "encoder_checkpoint", extra)
     return info
+
+
+def final_output(cfg: PretrainRunConfig) -> str:
+    """``encoder.pt`` (slidefm checkpoint), or the published entry's weight file name."""
+    from slidefm.models.registry import PUBLISHED
+
+    return PUBLISHED[cfg.encoder].export_file if cfg.published else "encoder.pt"
+
+
+def save_published(out: Path, info: dict, encoder: Any, name: str, extra: dict) -> None:
+    """The continued-pretrained weights in the published layout (the mask token, not part of
+    it, stays in the training checkpoints); the run's provenance goes to run_config.json."""
+    from slidefm.models.registry import save_published_weights
+    from slidefm.train.run_dir import save_final
+
+    def save(path: Path, prov: dict) -> None:
+        save_published_weights(encoder.published, path)
+        info["use_with"] = f"slidefm embed-slides --model {encoder.name} --weights {path}"
+
+    save_final(out, info, save, name, "encoder_weights", extra)

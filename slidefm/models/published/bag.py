@@ -11,6 +11,7 @@ the same module is frozen (MIL head on fixed embeddings) or fine-tuned.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -26,11 +27,17 @@ class PublishedBagEncoder(nn.Module):
     padding_mask: [B, N] bool, True = padded row; coords: [B, N, 2] level-0 px (x, y) of each
     tile's top-left corner; patch_size_level0: [B] or a float, tile side in level-0 px.
     ``readout``: one of the published model's single-vector readouts (default: its first).
+    ``mask_token``: add the learned input-space mask token ``forward_tokens`` needs for masked
+    feature modeling (``slidefm pretrain`` from a published encoder). Hidden tiles' features
+    are replaced by it before the published input layer, as slidefm's own encoders do, so the
+    published forward stays as it is; it is not part of the published layout.
     """
 
     needs_coords = True
 
-    def __init__(self, published: PublishedSlideEncoder, readout: str | None = None):
+    def __init__(
+        self, published: PublishedSlideEncoder, readout: str | None = None, mask_token: bool = False
+    ):
         super().__init__()
         self.published = published
         self.readout = published.check_readout(readout)
@@ -45,6 +52,12 @@ class PublishedBagEncoder(nn.Module):
         self.name = entry.name if entry is not None else type(published).__name__
         self.weights_id = getattr(published, "weights_id", "unknown")
         self.registry_entry = entry
+        self.mask_token = nn.Parameter(0.02 * torch.randn(self.input_dim)) if mask_token else None
+
+    @property
+    def config(self) -> SimpleNamespace:
+        """What masked feature modeling reads: input width D and token width d."""
+        return SimpleNamespace(input_dim=self.input_dim, d_model=self.published.embed_dim)
 
     def forward(
         self,
@@ -54,6 +67,42 @@ class PublishedBagEncoder(nn.Module):
         coords: torch.Tensor | None = None,
         patch_size_level0: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
+        dtype = next(self.published.parameters()).dtype
+        outs = [
+            self.published.embed_one(f.to(dtype), c, size, self.readout)
+            for _, _, f, c, size in self._slides(features, padding_mask, coords, patch_size_level0)
+        ]
+        return torch.stack(outs)
+
+    def forward_tokens(
+        self,
+        features: torch.Tensor,
+        grid: torch.Tensor | None = None,
+        padding_mask: torch.Tensor | None = None,
+        token_mask: torch.Tensor | None = None,
+        coords: torch.Tensor | None = None,
+        patch_size_level0: torch.Tensor | float | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prefix [B, P, E], tiles [B, N, E]): the published model's final tokens, one per
+        input tile in input order, zero on padded rows. token_mask [B, N] bool, True = hidden:
+        the tile's features are replaced by ``mask_token`` before the published input layer."""
+        if token_mask is not None:
+            if self.mask_token is None:
+                raise ValueError("masking tokens needs PublishedBagEncoder(..., mask_token=True)")
+            mask_row = self.mask_token.to(features.dtype)
+            features = torch.where(token_mask[..., None], mask_row, features)
+        dtype = next(self.published.parameters()).dtype
+        prefixes, tiles = [], None
+        for b, keep, f, c, size in self._slides(features, padding_mask, coords, patch_size_level0):
+            prefix, tok = self.published.tile_tokens(f.to(dtype), c, size)
+            if tiles is None:
+                tiles = tok.new_zeros(features.shape[0], features.shape[1], tok.shape[-1])
+            tiles[b, keep] = tok[0]
+            prefixes.append(prefix)
+        return torch.cat(prefixes), tiles
+
+    def _slides(self, features, padding_mask, coords, patch_size_level0):
+        """(b, real-row mask [N], features [n, D], coords [n, 2], patch size) per slide."""
         if coords is None or patch_size_level0 is None:
             raise ValueError(
                 f"published slide encoder {self.name!r} needs each tile's level-0 coords and "
@@ -67,18 +116,11 @@ class PublishedBagEncoder(nn.Module):
             else padding_mask
         )
         size = torch.as_tensor(patch_size_level0, dtype=torch.float64).reshape(-1).expand(bsz)
-        dtype = next(self.published.parameters()).dtype
-        outs = []
         for b in range(bsz):
             keep = ~pad[b]
             if not bool(keep.any()):
                 raise ValueError("a slide without tiles has no embedding")
-            outs.append(
-                self.published.embed_one(
-                    features[b][keep].to(dtype), coords[b][keep], float(size[b]), self.readout
-                )
-            )
-        return torch.stack(outs)
+            yield b, keep, features[b][keep], coords[b][keep], float(size[b])
 
     def config_record(self) -> dict[str, Any]:
         """What a MIL checkpoint records to rebuild this encoder (its weights are saved with

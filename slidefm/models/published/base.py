@@ -65,3 +65,14 @@ class PublishedSlideEncoder(nn.Module):
         self, features: torch.Tensor, coords: torch.Tensor, patch_size_level0: float, readout: str
     ) -> torch.Tensor:
         raise NotImplementedError
+
+    def tile_tokens(
+        self, features: torch.Tensor, coords: torch.Tensor, patch_size_level0: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One slide's final tokens for masked feature modeling: (prefix [1, P, E], tiles
+        [1, N, E], one row per *input* tile, in input order). features [N, D]; coords [N, 2]
+        level-0 px (x, y) of each tile's top-left corner."""
+        raise ValueError(
+            f"{type(self).__name__} has no token per tile to pretrain with masked feature "
+            "modeling (slidefm pretrain); gigapath and titan have"
+        )

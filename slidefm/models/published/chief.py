@@ -62,13 +62,23 @@ _KEY_MAP = (
 )
 
 
-def convert_chief(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Published ``CHIEF_pretraining.pth`` (flat state dict) → our keys."""
+def _rename(sd: dict[str, torch.Tensor], pairs) -> dict[str, torch.Tensor]:
     out = {}
     for k, v in sd.items():
-        for theirs, ours in _KEY_MAP:
-            if k.startswith(theirs):
-                k = ours + k[len(theirs) :]
+        for old, new in pairs:
+            if k.startswith(old):
+                k = new + k[len(old) :]
                 break
         out[k] = v
     return out
+
+
+def convert_chief(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Published ``CHIEF_pretraining.pth`` (flat state dict) → our keys."""
+    return _rename(sd, _KEY_MAP)
+
+
+def export_chief(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our keys → the published flat ``CHIEF_pretraining.pth`` keys (``convert_chief``'s
+    inverse)."""
+    return _rename(sd, [(ours, theirs) for theirs, ours in _KEY_MAP])

@@ -20,6 +20,7 @@ Only the positions of the tiles present are computed: the published model holds 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -177,6 +178,10 @@ class GigaPathSlideEncoder(PublishedSlideEncoder):
         """[N, D], [N, 2] → tokens after ``encoder.layer_norm``: [1, N + 1, E] (CLS first)."""
         return self.hidden_states(features, coords, self.encoder.layer_norm, last_only=True)[0]
 
+    def tile_tokens(self, features, coords, patch_size_level0):
+        tokens = self.forward_tokens(features, coords)  # tiles stay in input order
+        return tokens[:, :1], tokens[:, 1:]
+
     def embed_one(self, features, coords, patch_size_level0, readout):
         def pool(x: torch.Tensor) -> torch.Tensor:
             if readout.endswith("mean"):
@@ -194,3 +199,9 @@ def convert_gigapath(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if isinstance(sd.get("model"), dict):
         sd = sd["model"]
     return {k: v for k, v in sd.items() if k != "pos_embed"}
+
+
+def export_gigapath(sd: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Our keys → the published ``slide_encoder.pth`` layout (``{"model": state_dict}``, no
+    ``pos_embed``: the published model rebuilds that table itself)."""
+    return {"model": dict(sd)}

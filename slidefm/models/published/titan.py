@@ -46,12 +46,16 @@ class _AttentionalPooler(nn.Module):
 
 
 def titan_tokens(
-    features: torch.Tensor, coords: torch.Tensor, patch_size_level0: float
-) -> tuple[torch.Tensor, torch.Tensor]:
+    features: torch.Tensor,
+    coords: torch.Tensor,
+    patch_size_level0: float,
+    return_index: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """One slide's patches → TITAN's tokens: (summed features [M, D], grid cells [M, 2] (x, y)).
 
     features [N, D]; coords [N, 2] level-0 px (x, y). Patches sharing a cell are summed, cells
     whose sum is all zero are dropped, tokens are x-major (sorted by x cell, then y cell).
+    ``return_index`` adds index [N]: each input patch's token row, −1 where its cell was dropped.
     """
     c = coords.to(torch.float64)
     cell = torch.floor((c - c.min(dim=0).values) / float(patch_size_level0)).to(torch.int64)
@@ -61,7 +65,11 @@ def titan_tokens(
     summed = features.new_zeros(len(uniq), features.shape[1]).index_add_(0, inverse, features)
     keep = (summed != 0).any(dim=1)
     grid = torch.stack([uniq // height, uniq % height], dim=1)
-    return summed[keep], grid[keep]
+    if not return_index:
+        return summed[keep], grid[keep]
+    row = torch.cumsum(keep, 0) - 1  # token row of each kept cell
+    index = torch.where(keep[inverse], row[inverse], -1)
+    return summed[keep], grid[keep], index
 
 
 class TitanSlideEncoder(PublishedSlideEncoder):
@@ -117,7 +125,9 @@ class TitanSlideEncoder(PublishedSlideEncoder):
     ) -> torch.Tensor:
         """[N, D], [N, 2] level-0 px → tokens after the final norm [1, 1 + M, E] (CLS first,
         then the M kept cells x-major)."""
-        feats, grid = titan_tokens(features, coords, patch_size_level0)
+        return self._encode(*titan_tokens(features, coords, patch_size_level0))
+
+    def _encode(self, feats: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
         x = self.patch_embed(feats[None])
         x = torch.cat([self.cls_token.to(x.dtype), x], dim=1)
         bias = Alibi2DBias.from_grid(grid[None], self.block_config.num_heads, num_prefix_tokens=1)
@@ -125,6 +135,14 @@ class TitanSlideEncoder(PublishedSlideEncoder):
         for blk in self.blocks:
             x = blk(x, ctx)
         return self.norm(x)
+
+    def tile_tokens(self, features, coords, patch_size_level0):
+        """Each patch gets its cell's token (patches sharing a cell share it); a patch whose
+        cell was dropped (all-zero sum) gets a zero row."""
+        feats, grid, index = titan_tokens(features, coords, patch_size_level0, return_index=True)
+        tokens = self._encode(feats, grid)
+        cells = torch.cat([tokens[0, 1:], tokens.new_zeros(1, tokens.shape[-1])])  # −1: zeros
+        return tokens[:, :1], cells[index][None]
 
     def embed_one(self, features, coords, patch_size_level0, readout):
         tokens = self.forward_tokens(features, coords, patch_size_level0)
@@ -150,4 +168,15 @@ def convert_titan(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         if k.startswith(PREFIX):
             k = k[len(PREFIX) :]
         out[k.replace("blocks.modules_list.", "blocks.")] = v
+    return out
+
+
+def export_titan(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our keys → the published vision tower's (``vision_encoder.`` prefix,
+    ``blocks.modules_list.<i>``): the inverse of ``convert_titan``."""
+    out = {}
+    for k, v in sd.items():
+        if k.startswith("blocks."):
+            k = "blocks.modules_list." + k[len("blocks.") :]
+        out[PREFIX + k] = v
     return out
