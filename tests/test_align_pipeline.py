@@ -26,7 +26,7 @@ TERMS = {
 FAST = fast_train(batch_size=8)
 
 
-def toy_cohort(folder, n_cases=48, dim=64, seed=0, two_slide_cases=4):
+def toy_cohort(folder, n_cases=48, dim=64, seed=0, two_slide_cases=4, encoder="toy"):
     """Cases with one subtype each; slide features carry the subtype in their mean; reports
     name it among filler sentences. Returns (manifest path, features dir, embeddings H5)."""
     rng = np.random.default_rng(seed)
@@ -54,7 +54,7 @@ def toy_cohort(folder, n_cases=48, dim=64, seed=0, two_slide_cases=4):
                 coords=grid.astype(np.int64) * 256,
                 grid=grid.astype(np.int32),
                 tissue_fraction=np.ones(n, np.float32),
-                attrs=dict(encoder="toy", encoder_weights="random", target_mpp=0.5,
+                attrs=dict(encoder=encoder, encoder_weights="random", target_mpp=0.5,
                            patch_size=256, patch_size_level0=256, config_hash="t", seed=seed),
             )  # fmt: skip
             write_features(feats_dir / f"{sid}.h5", sf)

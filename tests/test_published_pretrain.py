@@ -154,3 +154,39 @@ def test_pretrain_config_checks_published_options() -> None:
     ok = PretrainRunConfig(encoder="gigapath", encoder_weights="hub",
                            encoder_overrides={"depth": 2})  # fmt: skip
     assert ok.published
+
+
+@pytest.mark.slow
+def test_align_on_a_published_encoder(tmp_path) -> None:
+    """``align --slide-encoder chief --slide-encoder-weights PATH``: frozen, align.pt's slide
+    encoder is the published model with the file's weights (checked against ``embed``, the
+    fixture-checked published forward, on each slide's own coords); fine-tuned (``full``),
+    the weights move and align.pt rebuilds the published architecture."""
+    from slidefm.eval.embed import slide_embeddings
+    from slidefm.io.features import read_features
+    from slidefm.models.clip import SlideTextModel
+    from tests.test_align_pipeline import FAST, toy_cohort
+    from tests.train_utils import set_args
+
+    manifest, feats, _ = toy_cohort(tmp_path, n_cases=12, dim=768, encoder="ctranspath")
+    sd = _state_from_shapes("chief")
+    weights = tmp_path / "CHIEF_pretraining.pth"
+    torch.save(sd, weights)
+    ref = create_slide_encoder("chief", weights=sd)
+    sid = "case005_s0"
+    sf = read_features(feats / f"{sid}.h5")
+    want = ref.embed(torch.from_numpy(sf.features)[None], torch.from_numpy(sf.coords)[None], 256.0)
+    for mode in ("frozen", "full"):
+        out = tmp_path / mode
+        argv = ["align", "--config", "tiny", "--features", str(feats), "--manifest", str(manifest)]
+        argv += ["--out", str(out), "--slide-encoder", "chief"]
+        argv += ["--slide-encoder-weights", str(weights)]
+        argv += set_args([*FAST, f"model.slide_trainable={mode}", "data.batch_size=4"])
+        assert main(argv) == 0
+        model = SlideTextModel.from_checkpoint(out / "align.pt")
+        assert isinstance(model.slide_encoder, PublishedBagEncoder)
+        got = torch.from_numpy(slide_embeddings(model, [sid], features=feats))
+        gap = float((got - want).abs().max())
+        assert (gap < 1e-5) if mode == "frozen" else (gap > 1e-4), (mode, gap)
+        info = json.loads((out / "run_config.json").read_text())
+        assert info["slide_encoder"] == "chief" and info["slide_encoder_weights"] == "pretrained"

@@ -97,7 +97,8 @@ class SlideReportPairs(Dataset):
         item: dict[str, Any] = {"case_index": index, "text": self.tokenize([text])["text"]}
         if self.bags is not None:
             bag = self.bags[s]
-            item.update(features=bag["features"], grid=bag["grid"], slide_id=bag["slide_id"])
+            keys = ("features", "grid", "slide_id", "coords", "patch_size_level0")
+            item.update({k: bag[k] for k in keys if k in bag})  # coords: published encoders
         else:
             item["embeddings"] = torch.from_numpy(self.embeddings[s])
             item["slide_id"] = self.slide_ids[s] if self.slide_ids else str(s)

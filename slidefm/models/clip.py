@@ -202,15 +202,17 @@ class SlideTextModel(nn.Module):
         features: torch.Tensor,
         grid: torch.Tensor,
         padding_mask: torch.Tensor | None = None,
+        **positions: Any,
     ) -> torch.Tensor:
-        """Slide-encoder output [B, E_slide] (before the projection head)."""
+        """Slide-encoder output [B, E_slide] (before the projection head). ``positions``:
+        ``coords`` [B, N, 2] level-0 px and ``patch_size_level0`` for published encoders."""
         if self.slide_encoder is None:
             raise ValueError(
                 "this alignment model was trained on precomputed slide embeddings: "
                 "pass embeddings (e.g. --embeddings H5), not tile features"
             )
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder_frozen):
-            return self.slide_encoder(features, grid, padding_mask)
+            return self.slide_encoder(features, grid, padding_mask, **positions)
 
     def encode_slide(
         self,
@@ -219,13 +221,14 @@ class SlideTextModel(nn.Module):
         padding_mask: torch.Tensor | None = None,
         embeddings: torch.Tensor | None = None,
         normalize: bool = True,
+        **positions: Any,
     ) -> torch.Tensor:
         """Slides → joint space [B, E]: from tile features (through the slide encoder) or from
         slide-encoder embeddings [B, E_slide] computed beforehand."""
         if embeddings is None:
             if features is None or grid is None:
                 raise ValueError("encode_slide needs features and grid, or embeddings")
-            embeddings = self.slide_embed(features, grid, padding_mask)
+            embeddings = self.slide_embed(features, grid, padding_mask, **positions)
         if embeddings.shape[-1] != self.slide_dim:
             raise ValueError(
                 f"slide embeddings are {embeddings.shape[-1]}-d, the model expects "
@@ -282,7 +285,12 @@ class SlideTextModel(nn.Module):
         if "embeddings" in batch:
             zs = self.encode_slide(embeddings=batch["embeddings"])
         else:
-            zs = self.encode_slide(batch["features"], batch["grid"], batch.get("padding_mask"))
+            from slidefm.models.published.bag import position_inputs
+
+            pos = position_inputs(self.slide_encoder, batch) if self.slide_encoder else {}
+            zs = self.encode_slide(
+                batch["features"], batch["grid"], batch.get("padding_mask"), **pos
+            )
         zt = self.encode_text(batch["text"], batch.get("text_owner"), len(zs))
         loss = clip_loss(zs, zt, self.scale)
         with torch.no_grad():
@@ -317,7 +325,9 @@ class SlideTextModel(nn.Module):
         from slidefm.io.checkpoints import save_checkpoint
 
         enc_cfg = None
-        if self.slide_encoder is not None:
+        if hasattr(self.slide_encoder, "config_record"):  # published: registry name + arch
+            enc_cfg = self.slide_encoder.config_record()
+        elif self.slide_encoder is not None:
             c = getattr(self.slide_encoder, "config", None)
             enc_cfg = dataclasses.asdict(c) if dataclasses.is_dataclass(c) else c
         config = {
@@ -340,7 +350,12 @@ class SlideTextModel(nn.Module):
 
 def _build(config: dict[str, Any], payload: dict[str, Any]) -> SlideTextModel:
     enc = None
-    if config["slide_encoder_config"] is not None:
+    record = config["slide_encoder_config"]
+    if record is not None and "published" in record:
+        from slidefm.models.published.bag import bag_encoder_from_record
+
+        enc = bag_encoder_from_record(record)
+    elif record is not None:
         from slidefm.config import from_dict
         from slidefm.models.slide_encoder import SlideEncoder, SlideEncoderConfig
 

@@ -22,8 +22,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", help="SentencePiece .model (default: train on train reports)")
     p.add_argument(
         "--slide-encoder",
-        help="slide-encoder checkpoint (<pretrain out>/encoder.pt) or random:<config>; "
-        "overrides the config's slide_encoder",
+        help="slide-encoder checkpoint (<pretrain out>/encoder.pt), random:<config>, or a "
+        "published encoder (gigapath, titan, chief) with --slide-encoder-weights; overrides "
+        "the config's slide_encoder",
+    )
+    p.add_argument(
+        "--slide-encoder-weights",
+        help="published --slide-encoder only: hub (HF cache) | PATH (published layout, e.g. "
+        "<pretrain out>/slide_encoder.pth) | random",
     )
     p.add_argument("--out", required=True, help="output folder (re-run the command to resume)")
     add_overwrite(p)
@@ -49,7 +55,7 @@ def run(args: argparse.Namespace) -> int:
         overrides=args.overrides,
         seed=args.seed,
         overwrite=args.overwrite,
-        flags=flag_values(args, ["slide_encoder"]),
+        flags=flag_values(args, ["slide_encoder", "slide_encoder_weights"]),
     )
     if dist_info()[0] != 0:
         return 0

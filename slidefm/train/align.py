@@ -70,8 +70,10 @@ class AlignDataConfig:
 @dataclasses.dataclass(frozen=True)
 class AlignRunConfig:
     # Slide encoder: a checkpoint (e.g. <pretrain out>/encoder.pt), "random:<config name>" for
-    # the untrained-encoder ablation (recorded as random), or "" with --embeddings.
+    # the untrained-encoder ablation (recorded as random), a published registry entry
+    # (gigapath, titan, chief; with slide_encoder_weights), or "" with --embeddings.
     slide_encoder: str = ""
+    slide_encoder_weights: str = ""  # published entries: hub | PATH (published layout) | random
     model: AlignModelConfig = dataclasses.field(default_factory=AlignModelConfig)
     data: AlignDataConfig = dataclasses.field(default_factory=AlignDataConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
@@ -85,14 +87,33 @@ def load_run_config(
 
 
 def load_slide_encoder(
-    spec: str, input_dim: int | None = None
+    spec: str, input_dim: int | None = None, weights: str = ""
 ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """(encoder, provenance) from a checkpoint path or ``random:<config>`` (recorded as such).
+    """(encoder, provenance) from a checkpoint path, ``random:<config>`` (recorded as such) or
+    a published registry entry with ``weights`` (behind the bag interface: it reads each
+    tile's level-0 coords).
 
     A random encoder takes ``input_dim`` from the tile features (as ``pretrain`` does with
     ``match_input_dim``), so the ablation has exactly the pretrained architecture.
     """
+    from slidefm.models.registry import PUBLISHED, slide_encoder_from_spec
     from slidefm.models.slide_encoder import SlideEncoder
+
+    if spec in PUBLISHED:
+        from slidefm.models.published.bag import PublishedBagEncoder
+
+        if not weights:
+            raise ValueError(
+                f"published slide encoder {spec!r} needs --slide-encoder-weights hub | PATH "
+                "(published layout) | random"
+            )
+        enc, info = slide_encoder_from_spec(spec, weights, input_dim)
+        return PublishedBagEncoder(enc), info
+    if weights:
+        raise ValueError(
+            f"--slide-encoder-weights is for published encoders ({', '.join(PUBLISHED)}); "
+            f"{spec!r} records its own weights"
+        )
 
     if spec.startswith(RANDOM_PREFIX):
         name = spec[len(RANDOM_PREFIX) :]
@@ -293,7 +314,7 @@ def prepare_tokenizer(
 
 
 def prepare_slide_encoder(
-    spec: str, features: str | Path | None, train_ids: list[str]
+    spec: str, features: str | Path | None, train_ids: list[str], weights: str = ""
 ) -> tuple[torch.nn.Module | None, dict[str, Any]]:
     """(encoder or None, provenance) of the config's ``slide_encoder``. A random encoder gets
     the input width and the input standardisation of the training slides' features, so the
@@ -309,7 +330,13 @@ def prepare_slide_encoder(
     if features is not None:
         first = FeatureBagDataset(features, slide_ids=train_ids[:1])
         in_dim = int(first.slide(0).features.shape[1])
-    enc, info = load_slide_encoder(spec, in_dim)
+    enc, info = load_slide_encoder(spec, in_dim, weights)
+    if getattr(enc, "needs_coords", False):  # published: raw inputs, its own tile encoder
+        if features is not None:
+            from slidefm.eval.mil_cv import check_slide_encoder_inputs
+
+            check_slide_encoder_inputs(spec, first.paths[0])
+        return enc, info
     if info["slide_encoder_weights"] == "random" and features is not None:
         from slidefm.models.pretrain import feature_stats
 
@@ -493,7 +520,9 @@ def run_align(
         tokenizer, out, cohort.train_reports, data.tokenizer_vocab_size, seed
     )
     seed_everything(seed)  # a random:<config> encoder and the heads are drawn from the seed
-    enc, enc_info = prepare_slide_encoder(cfg.slide_encoder, features, cohort.train_ids)
+    enc, enc_info = prepare_slide_encoder(
+        cfg.slide_encoder, features, cohort.train_ids, cfg.slide_encoder_weights
+    )
     tile_info, emb_dim, emb_random = input_info(features, embeddings, cohort.train_ids)
     if embeddings is not None:
         check_embeddings_input(enc, mcfg, embeddings, emb_random, enc_info)
