@@ -36,7 +36,9 @@ EXPECTED_ERRORS = {
     "--model gigapath --weights hub": "are not available",  # published slide encoders
     "--model titan --weights ~/models/TITAN": "not found",
     "--model chief --weights ~/models/CHIEF_pretraining.pth": "not found",
-    "--slide-encoder titan --slide-encoder-weights": "titan expects 768-d conch_v15 features",
+    "--slide-encoder titan --slide-encoder-weights ~": "titan expects 768-d conch_v15 features",
+    "--set encoder=titan": "titan expects 768-d conch_v15 features",
+    "--slide-encoder-weights <pre-titan>": "titan expects 768-d conch_v15 features",
 }
 
 

@@ -330,12 +330,12 @@ def prepare_slide_encoder(
     if features is not None:
         first = FeatureBagDataset(features, slide_ids=train_ids[:1])
         in_dim = int(first.slide(0).features.shape[1])
-    enc, info = load_slide_encoder(spec, in_dim, weights)
-    if getattr(enc, "needs_coords", False):  # published: raw inputs, its own tile encoder
-        if features is not None:
-            from slidefm.eval.mil_cv import check_slide_encoder_inputs
+    if features is not None:  # a published encoder refuses others' features before loading
+        from slidefm.eval.mil_cv import check_slide_encoder_inputs
 
-            check_slide_encoder_inputs(spec, first.paths[0])
+        check_slide_encoder_inputs(spec, first.paths[0])
+    enc, info = load_slide_encoder(spec, in_dim, weights)
+    if getattr(enc, "needs_coords", False):  # published: raw inputs as it was trained on
         return enc, info
     if info["slide_encoder_weights"] == "random" and features is not None:
         from slidefm.models.pretrain import feature_stats

@@ -158,12 +158,13 @@ def published_encoder(cfg: PretrainRunConfig, enc_kw: dict[str, Any], ds: Any) -
     was not trained on are refused as in ``embed-slides``."""
     from slidefm.eval.embed import check_published_inputs
     from slidefm.models.published.bag import PublishedBagEncoder
-    from slidefm.models.registry import create_slide_encoder
+    from slidefm.models.registry import PUBLISHED, create_slide_encoder
 
-    published = create_slide_encoder(cfg.encoder, weights=cfg.encoder_weights, **enc_kw)
-    entry = dataclasses.replace(published.registry_entry, input_dim=published.input_dim)
+    entry = PUBLISHED[cfg.encoder]  # features first: refused before any weight is read
+    entry = dataclasses.replace(entry, input_dim=enc_kw.get("input_dim", entry.input_dim))
     first = ds.slide(0)
     check_published_inputs(entry, ds.paths[0], first.attrs, int(first.features.shape[1]))
+    published = create_slide_encoder(cfg.encoder, weights=cfg.encoder_weights, **enc_kw)
     if published.weights_id == "random":
         log.warning("RANDOM WEIGHTS: %s starts from random weights (--set encoder_weights)",
                     cfg.encoder)  # fmt: skip
