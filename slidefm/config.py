@@ -21,6 +21,7 @@ import dataclasses
 import hashlib
 import importlib.resources
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -63,11 +64,27 @@ def resolve_config_path(name_or_path: str | Path, subdir: str = "") -> Path:
     raise ConfigError(f"Config {str(name_or_path)!r} not found.{hint}")
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML 1.1 (PyYAML) reads ``5e-4`` and ``1e3`` as strings; YAML 1.2 and every user read
+    them as numbers: a float resolver for exponents without a dot."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text: Any) -> Any:
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """A YAML mapping; a file that does not parse is a ``ConfigError`` naming it and the line."""
     try:
         with open(path) as f:
-            data = yaml.safe_load(f) or {}
+            data = _yaml(f) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -94,7 +111,7 @@ def apply_overrides(cfg: dict[str, Any], overrides: list[str] | None) -> dict[st
             if not isinstance(node, dict):
                 raise ConfigError(f"Override {item!r}: {part!r} is not a mapping")
         try:
-            node[parts[-1]] = yaml.safe_load(raw)
+            node[parts[-1]] = _yaml(raw)
         except yaml.YAMLError:
             node[parts[-1]] = raw  # a plain string; from_dict checks its type
     return out

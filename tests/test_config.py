@@ -239,3 +239,14 @@ def test_a_union_of_sections_is_left_to_the_class():
     """Only ``X`` / ``X | None`` is built as a section: which member of a union a mapping
     means is the class's to decide (e.g. MIL head options chosen by the model name)."""
     assert from_dict(Either, {"head": {"width": 2}}).head == {"width": 2}
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path) -> None:
+    """PyYAML (YAML 1.1) reads ``5e-4`` as a string; in slidefm configs and --set it is 0.0005."""
+    from slidefm.config import apply_overrides, load_yaml
+
+    got = apply_overrides({}, ["lr=5e-4", "big=1E3", "neg=-2e+2", "name=v1e3", "word=1e"])
+    assert got == {"lr": 0.0005, "big": 1000.0, "neg": -200.0, "name": "v1e3", "word": "1e"}
+    path = tmp_path / "c.yaml"
+    path.write_text("train:\n  lr: 5e-4\n  steps: 10\n")
+    assert load_yaml(path) == {"train": {"lr": 0.0005, "steps": 10}}
