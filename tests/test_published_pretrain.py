@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from slidefm.cli import main
+from slidefm.io.atomic import TMP_MARK
 from slidefm.models import create_slide_encoder
 from slidefm.models.published.bag import PublishedBagEncoder
 from slidefm.models.registry import PUBLISHED, read_weights, save_published_weights
@@ -36,7 +37,7 @@ def test_weights_written_back_in_the_published_layout(tmp_path, name) -> None:
     assert set(got) == set(ref)
     for k, v in ref.items():
         assert got[k].shape == v.shape and torch.equal(got[k], v.to(got[k].dtype)), k
-    assert not list(tmp_path.glob(".*.tmp"))  # written under a temporary name, then renamed
+    assert not list(tmp_path.glob(f".*{TMP_MARK}*"))  # written under a temporary name, renamed
 
 
 def _titan_slide(n: int = 40, seed: int = 0):

@@ -276,16 +276,17 @@ def save_published_weights(model: nn.Module, path: str | Path) -> Path:
     entry = model.registry_entry
     if entry.export is None:
         raise ValueError(f"slide encoder {entry.name!r} has no published layout to export")
+    from slidefm.io.atomic import atomic_path
+
     sd = entry.export({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()})
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
 
-        save_file(sd, str(tmp))
-    else:
-        torch.save(sd, tmp)
-    os.replace(tmp, path)
+            save_file(sd, str(tmp))
+        else:
+            torch.save(sd, tmp)
     return path
 
 

@@ -328,11 +328,11 @@ def prepare_slide_encoder(
         return None, {"slide_encoder": "none (precomputed embeddings)"}
     in_dim = None
     if features is not None:
-        first = FeatureBagDataset(features, slide_ids=train_ids[:1])
-        in_dim = int(first.slide(0).features.shape[1])
-    if features is not None:  # a published encoder refuses others' features before loading
         from slidefm.eval.mil_cv import check_slide_encoder_inputs
 
+        first = FeatureBagDataset(features, slide_ids=train_ids[:1])
+        in_dim = int(first.slide(0).features.shape[1])
+        # a published encoder refuses others' features before its weights are read
         check_slide_encoder_inputs(spec, first.paths[0])
     enc, info = load_slide_encoder(spec, in_dim, weights)
     if getattr(enc, "needs_coords", False):  # published: raw inputs as it was trained on

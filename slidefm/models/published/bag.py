@@ -67,9 +67,8 @@ class PublishedBagEncoder(nn.Module):
         coords: torch.Tensor | None = None,
         patch_size_level0: torch.Tensor | float | None = None,
     ) -> torch.Tensor:
-        dtype = next(self.published.parameters()).dtype
         outs = [
-            self.published.embed_one(f.to(dtype), c, size, self.readout)
+            self.published.embed_one(f, c, size, self.readout)
             for _, _, f, c, size in self._slides(features, padding_mask, coords, patch_size_level0)
         ]
         return torch.stack(outs)
@@ -91,10 +90,9 @@ class PublishedBagEncoder(nn.Module):
                 raise ValueError("masking tokens needs PublishedBagEncoder(..., mask_token=True)")
             mask_row = self.mask_token.to(features.dtype)
             features = torch.where(token_mask[..., None], mask_row, features)
-        dtype = next(self.published.parameters()).dtype
         prefixes, tiles = [], None
         for b, keep, f, c, size in self._slides(features, padding_mask, coords, patch_size_level0):
-            prefix, tok = self.published.tile_tokens(f.to(dtype), c, size)
+            prefix, tok = self.published.tile_tokens(f, c, size)
             if tiles is None:
                 tiles = tok.new_zeros(features.shape[0], features.shape[1], tok.shape[-1])
             tiles[b, keep] = tok[0]
@@ -102,7 +100,8 @@ class PublishedBagEncoder(nn.Module):
         return torch.cat(prefixes), tiles
 
     def _slides(self, features, padding_mask, coords, patch_size_level0):
-        """(b, real-row mask [N], features [n, D], coords [n, 2], patch size) per slide."""
+        """(b, real-row mask [N], features [n, D] in the model's dtype, coords [n, 2], patch
+        size) per slide."""
         if coords is None or patch_size_level0 is None:
             raise ValueError(
                 f"published slide encoder {self.name!r} needs each tile's level-0 coords and "
@@ -116,11 +115,12 @@ class PublishedBagEncoder(nn.Module):
             else padding_mask
         )
         size = torch.as_tensor(patch_size_level0, dtype=torch.float64).reshape(-1).expand(bsz)
+        dtype = next(self.published.parameters()).dtype
         for b in range(bsz):
             keep = ~pad[b]
             if not bool(keep.any()):
                 raise ValueError("a slide without tiles has no embedding")
-            yield b, keep, features[b][keep], coords[b][keep], float(size[b])
+            yield b, keep, features[b][keep].to(dtype), coords[b][keep], float(size[b])
 
     def config_record(self) -> dict[str, Any]:
         """What a MIL checkpoint records to rebuild this encoder (its weights are saved with
