@@ -16,6 +16,7 @@ the checkpoint, so a resumed run selects and stops exactly like an uninterrupted
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import csv
 import dataclasses
@@ -164,7 +165,16 @@ def init_distributed() -> torch.device:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_leave_process_group)
     return device
+
+
+def _leave_process_group() -> None:
+    """Destroy the group we joined while the interpreter is still whole: a gloo rank that
+    exits with its worker threads alive aborts at finalisation ("terminate called without an
+    active exception", SIGABRT), which torchrun reports as a failed run after all went well."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def checkpoints_newest_first(ckpt_dir: str | Path) -> list[Path]:
