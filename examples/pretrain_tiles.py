@@ -6,8 +6,9 @@ synthetic tissue types better than random weights?
    the labelled kNN column in metrics.csv is a monitor on training slides only);
 3. ``encode-slides`` of the held-out (val + test) patients' slides with the trained teacher
    and with the same architecture at random weights (seeded like the run's start point);
-4. ``probe-tiles``: linear, kNN-20 and 1/5/10-shot prototype probes of tile type on held-out
-   patients, the same patient splits for every encoder;
+4. ``probe-tiles``: linear, kNN-20 and 1/5/10-shot (prototype and linear) probes of tile type
+   on held-out patients, the same patient splits for every encoder, and the paired gain
+   (SSL − the same seed's random init, same split) per probe;
 5. optionally the downstream effect, SSL vs random tile weights with the same seeds: ``--mil``
    (``mil train`` on every slide of this cohort: biomarker_bag, ABMIL, patient-grouped 5-fold
    CV, via examples/mil_biomarker.py's steps) and ``--zero-shot`` (examples/zero_shot.py on its
@@ -58,6 +59,22 @@ def encode(jobs: list[SlideJob], weights: str, feat_dir: Path, seed: int) -> Non
     failed = [r for r in res if r.status == "failed"]
     if failed:
         raise RuntimeError(f"encode-slides failed on {failed[0].slide_id}: {failed[0].error}")
+
+
+def paired_gains(table: pd.DataFrame) -> dict[str, dict]:
+    """Per probe: SSL − random balanced accuracy of the same init seed on the same patient
+    split → mean ± sd over the (seed, split) pairs and how many of them are positive."""
+    t = table.assign(init=table["encoder"].str.split("_seed").str[1])
+    wide = t.pivot_table(index=["probe", "init", "seed"], columns="kind", values="bacc")
+    out = {}
+    for probe, g in (wide["ssl"] - wide["random"]).groupby(level="probe", sort=False):
+        out[str(probe)] = {
+            "mean": round(float(g.mean()), 4),
+            "sd": round(float(g.std(ddof=1)), 4) if len(g) > 1 else 0.0,
+            "positive": int((g > 0).sum()),
+            "pairs": len(g),
+        }
+    return out
 
 
 def run_mil(a: argparse.Namespace, manifest: Path, seeds: list[int]) -> dict:
@@ -217,6 +234,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         for kind in ("random", "ssl")
     }
+    gains = paired_gains(table)
     if a.mil:  # the feature folders grow to every slide; the probes above read val/test only
         all_jobs = [j for js in jobs.values() for j in js]
         for seed in seeds:
@@ -239,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": seeds,
         "split_seeds": list(split_seeds),
         "probes_balanced_accuracy": probes,
+        "paired_gain_ssl_minus_random": gains,
         "ssl_runs": runs,
         "quick": a.quick,
     }

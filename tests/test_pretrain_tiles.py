@@ -166,7 +166,7 @@ def test_probe_tiles_same_splits_and_planted_signal(tmp_path):
         seeds=(0, 1),
     )
     m = t.groupby(["encoder", "probe"])["bacc"].mean()
-    for p in ("linear", "knn20", "5shot"):
+    for p in ("linear", "knn20", "5shot", "5shot_linear"):
         assert m["good", p] > 0.9 and m["noise", p] < 0.5, p
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["encoders"]["good"]["encoder_weights"] == "good"

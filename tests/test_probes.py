@@ -103,3 +103,37 @@ def test_mean_sd_against_numpy():
     assert out.loc["a", "auroc_mean"] == pytest.approx(0.7)
     assert out.loc["a", "auroc_sd"] == pytest.approx(np.std([0.5, 0.7, 0.9], ddof=1))
     assert out.loc["b", "auroc_sd"] == 0.0 and out.loc["a", "n"] == 3
+
+
+def test_few_shot_linear_equals_sklearn_pipeline_on_the_same_shots():
+    x, y = data(120, c=3, e=10, sep=0.8, seed=6)
+    from slidefm.eval.probes import few_shot_linear
+
+    pipe = make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=2000))
+    ref = pipe.fit(x[:15], y[:15]).predict_proba(x[15:])
+    np.testing.assert_allclose(few_shot_linear(x[:15], y[:15], x[15:], 3), ref, atol=1e-6)
+    # a class without shots gets a zero column, the others still sum to one
+    keep = y[:30] != 1
+    p = few_shot_linear(x[:30][keep], y[:30][keep], x[30:], 3)
+    assert np.all(p[:, 1] == 0) and np.allclose(p.sum(1), 1.0)
+
+
+def test_few_shot_linear_ignores_a_dominant_nuisance_direction_that_breaks_prototypes():
+    """The two few-shot classifiers disagree on the case of random ViT features: one shared,
+    large, label-free direction. Standardising removes it (same scores as without it); cosine
+    prototypes see mostly that direction and fall towards chance."""
+    x, y = data(400, c=2, e=8, sep=1.5, seed=7)
+    rng = np.random.default_rng(0)
+    nuisance = x.copy()
+    nuisance[:, 0] = 1000.0 + rng.normal(size=len(x)) * 50.0  # label-free, dominates the norm
+    runs = {}
+    for name, feats in (("clean", x), ("nuisance", nuisance)):
+        for clf in ("prototype", "linear"):
+            df = few_shot(feats[:200], y[:200], feats[200:], y[200:], 2, shots=(10,),
+                          n_draws=10, seed=0, classifier=clf)  # fmt: skip
+            runs[name, clf] = df["balanced_accuracy"].mean()
+    assert runs["clean", "linear"] > 0.85 and runs["clean", "prototype"] > 0.85
+    assert runs["nuisance", "linear"] > runs["nuisance", "prototype"] + 0.1
+    assert runs["nuisance", "linear"] > 0.8
+    with pytest.raises(ValueError, match="prototype or linear"):
+        few_shot(x, y, x, y, 2, classifier="svm")

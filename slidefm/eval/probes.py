@@ -121,6 +121,29 @@ def prototype_probe(
     return p / p.sum(1, keepdims=True)
 
 
+FEW_SHOT_C = 1.0  # few-shot has no validation split to choose C on: sklearn's default
+
+
+def few_shot_linear(
+    x_train: np.ndarray,
+    y_train: np.ndarray,
+    x_test: np.ndarray,
+    num_classes: int,
+    seed: int = 0,
+    c: float = FEW_SHOT_C,
+    max_iter: int = 2000,
+) -> np.ndarray:
+    """Standardise on the shots, L2 logistic regression at a fixed ``c`` (no tuning: k shots
+    per class leave nothing to validate on) → (N_test, C) probabilities; classes without
+    shots get 0."""
+    scaler = StandardScaler().fit(x_train)
+    clf = LogisticRegression(C=c, max_iter=max_iter, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(scaler.transform(x_train), y_train)
+    return _full_proba(clf, scaler.transform(x_test), num_classes)
+
+
 def score(y_true: np.ndarray, proba: np.ndarray) -> dict[str, float]:
     """Headline metrics of (N, C) probabilities: AUROC, balanced accuracy, accuracy, F1."""
     c = proba.shape[1]
@@ -142,11 +165,19 @@ def few_shot(
     shots: Sequence[int] = FEW_SHOT_KS,
     n_draws: int = 50,
     seed: int = 0,
+    classifier: str = "prototype",
 ) -> pd.DataFrame:
     """For each k in ``shots``, ``n_draws`` random draws of k training slides per class, scored
-    on the whole test set with ``prototype_probe``. Returns one row per (k, draw) with the
-    metrics of ``score``. A k larger than the smallest class is skipped (not silently shrunk).
+    on the whole test set. Returns one row per (k, draw) with the metrics of ``score``. A k
+    larger than the smallest class is skipped (not silently shrunk).
+
+    ``classifier``: ``prototype`` (``prototype_probe``, cosine to class means of the raw
+    features) or ``linear`` (``few_shot_linear``: standardised logistic regression). They can
+    disagree: cosine prototypes suffer from a dominant shared direction (random ViT features)
+    that standardising removes, so a gain under one may vanish under the other.
     """
+    if classifier not in ("prototype", "linear"):
+        raise ValueError(f"few-shot classifier must be prototype or linear, not {classifier!r}")
     rng = np.random.default_rng(seed)
     per_class = {c: np.flatnonzero(y_train == c) for c in range(num_classes)}
     smallest = min(len(v) for v in per_class.values())
@@ -158,7 +189,10 @@ def few_shot(
             idx = np.concatenate(
                 [rng.choice(per_class[c], size=k, replace=False) for c in range(num_classes)]
             )
-            proba = prototype_probe(x_train[idx], y_train[idx], x_test, num_classes)
+            if classifier == "linear":
+                proba = few_shot_linear(x_train[idx], y_train[idx], x_test, num_classes, seed)
+            else:
+                proba = prototype_probe(x_train[idx], y_train[idx], x_test, num_classes)
             rows.append({"k": k, "draw": draw, **score(y_test, proba)})
     return pd.DataFrame(rows, columns=["k", "draw", "auroc", "balanced_accuracy", "accuracy", "f1"])
 

@@ -2,8 +2,8 @@
 
 Features of labelled tiles (``encode-slides`` files joined with a label table on the tiles'
 level-0 top-left (x, y), e.g. the synthetic cohort's ``cells.csv``) → linear probe (C chosen on
-validation), cosine kNN (k = 20) and few-shot prototype probes (k shots per class, many
-draws). Tiles are split by patient (``case_id``: a patient's tiles never cross splits), with
+validation), cosine kNN (k = 20) and few-shot probes (k shots per class, many draws; probe
+``{k}shot``: SimpleShot prototypes, ``{k}shot_linear``: standardised logistic regression). Tiles are split by patient (``case_id``: a patient's tiles never cross splits), with
 the SAME splits per seed for every encoder, so the encoders' balanced accuracies (mean ± sd
 over seeds) compare like for like (``eval.protocol.patient_split``).
 """
@@ -68,11 +68,12 @@ def probe_encoder(
         rows.append(
             {"seed": seed, "probe": f"knn{knn_k}", "bacc": balanced_accuracy(y[te], kp.argmax(1))}
         )
-        fs = few_shot(x[trva], y[trva], x[te], y[te], c, shots=shots, n_draws=n_draws, seed=seed)
-        for k, g in fs.groupby("k"):
-            rows.append(
-                {"seed": seed, "probe": f"{k}shot", "bacc": float(g["balanced_accuracy"].mean())}
-            )
+        for clf, suffix in (("prototype", ""), ("linear", "_linear")):
+            fs = few_shot(x[trva], y[trva], x[te], y[te], c, shots=shots, n_draws=n_draws,
+                          seed=seed, classifier=clf)  # fmt: skip
+            for k, g in fs.groupby("k"):
+                bacc = float(g["balanced_accuracy"].mean())
+                rows.append({"seed": seed, "probe": f"{k}shot{suffix}", "bacc": bacc})
     return pd.DataFrame(rows)
 
 
