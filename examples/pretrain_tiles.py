@@ -235,6 +235,11 @@ def main(argv: list[str] | None = None) -> dict:
         for kind in ("random", "ssl")
     }
     gains = paired_gains(table)
+    enc_summary = json.loads((a.out / "probe" / "summary.json").read_text())["encoders"]
+    same_slide = {
+        name: {k: round(v, 4) for k, v in e.items() if k.startswith("same_slide")}
+        for name, e in enc_summary.items()
+    }
     if a.mil:  # the feature folders grow to every slide; the probes above read val/test only
         all_jobs = [j for js in jobs.values() for j in js]
         for seed in seeds:
@@ -258,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         "split_seeds": list(split_seeds),
         "probes_balanced_accuracy": probes,
         "paired_gain_ssl_minus_random": gains,
+        "neighbours_from_the_same_slide": same_slide,
         "ssl_runs": runs,
         "quick": a.quick,
     }

@@ -137,3 +137,29 @@ def test_few_shot_linear_ignores_a_dominant_nuisance_direction_that_breaks_proto
     assert runs["nuisance", "linear"] > 0.8
     with pytest.raises(ValueError, match="prototype or linear"):
         few_shot(x, y, x, y, 2, classifier="svm")
+
+
+def test_same_slide_neighbours_against_sklearn_and_its_chance_level():
+    """Against sklearn's brute-force cosine neighbours (self dropped), over more than one
+    1024-row block; the chance level is Σ n_s(n_s − 1) / n(n − 1). A slide offset that
+    dominates the features drives the fraction to 1; pure noise leaves it near chance."""
+    from sklearn.neighbors import NearestNeighbors
+
+    from slidefm.eval.tile_probes import same_slide_neighbours
+
+    rng = np.random.default_rng(8)
+    sid = rng.integers(0, 7, 1500).astype(str)
+    x = rng.normal(size=(1500, 6)) + rng.normal(size=(7, 6))[sid.astype(int)] * 0.7
+    got = same_slide_neighbours(x, sid, k=10)
+    nn = NearestNeighbors(n_neighbors=11, metric="cosine", algorithm="brute").fit(x)
+    idx = nn.kneighbors(x, return_distance=False)
+    ref = np.mean(
+        [np.mean(sid[[j for j in row if j != i][:10]] == sid[i]) for i, row in enumerate(idx)]
+    )
+    assert got["same_slide_knn10"] == pytest.approx(ref, abs=2e-3)  # ties may order apart
+    counts = np.bincount(sid.astype(int))
+    assert got["same_slide_chance"] == pytest.approx((counts * (counts - 1)).sum() / (1500 * 1499))
+    noise = same_slide_neighbours(rng.normal(size=(600, 6)), sid[:600], k=10)
+    assert abs(noise["same_slide_knn10"] - noise["same_slide_chance"]) < 0.03
+    offset = same_slide_neighbours(x + rng.normal(size=(7, 6))[sid.astype(int)] * 50, sid, k=10)
+    assert offset["same_slide_knn10"] > 0.99 > got["same_slide_knn10"] > got["same_slide_chance"]

@@ -77,13 +77,41 @@ def probe_encoder(
     return pd.DataFrame(rows)
 
 
-def _encoder_summary(folder: str, first_slide: str, n_tiles: int, table: pd.DataFrame) -> dict:
+def same_slide_neighbours(x: np.ndarray, slide_ids: np.ndarray, k: int = 20) -> dict[str, float]:
+    """How much of an embedding is slide identity (stain, scanner, batch) rather than tissue:
+    the mean fraction of each tile's ``k`` cosine nearest neighbours (itself excluded) that
+    come from its own slide, next to that fraction for neighbours drawn at random. An encoder
+    that clusters tiles by slide scores high here and loses on cross-patient kNN.
+
+    x (n, D) features; slide_ids (n,). Ties keep the lower index."""
+    n = len(x)
+    k = min(k, n - 1)
+    if k < 1:
+        raise ValueError("same_slide_neighbours needs at least two tiles")
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    sid = np.asarray(slide_ids).astype(str)
+    hits = 0.0
+    for start in range(0, n, 1024):  # (1024, n) similarity blocks: memory linear in n
+        sim = xn[start : start + 1024] @ xn.T
+        rows = np.arange(sim.shape[0])
+        sim[rows, start + rows] = -np.inf
+        nn = np.argsort(-sim, axis=1, kind="stable")[:, :k]
+        hits += float((sid[nn] == sid[start : start + 1024, None]).sum())
+    _, counts = np.unique(sid, return_counts=True)
+    chance = float((counts * (counts - 1)).sum() / (n * (n - 1)))
+    return {f"same_slide_knn{k}": hits / (n * k), "same_slide_chance": chance}
+
+
+def _encoder_summary(
+    folder: str, first_slide: str, n_tiles: int, table: pd.DataFrame, neighbours: dict
+) -> dict:
     """One encoder's entry of summary.json: its features, weights and mean ± sd per probe."""
     weights = read_attrs(Path(folder) / f"{first_slide}.h5").get("encoder_weights")
     return {
         "features": str(folder),
         "encoder_weights": weights,
         "n_tiles": int(n_tiles),
+        **neighbours,
         **{
             p: {
                 "mean": float(g["bacc"].mean()),
@@ -133,7 +161,8 @@ def run_probe_tiles(
         df = probe_encoder(x, y, rows["case_id"].astype(str).to_numpy(), list(seeds), shots)
         df.insert(0, "encoder", name)
         tables.append(df)
-        summary[name] = _encoder_summary(folder, rows["slide_id"].iloc[0], len(y), df)
+        nb = same_slide_neighbours(x, rows["slide_id"].to_numpy())
+        summary[name] = _encoder_summary(folder, rows["slide_id"].iloc[0], len(y), df, nb)
     table = pd.concat(tables, ignore_index=True)
     with atomic_path(out / "tile_probes.csv") as tmp:
         table.to_csv(tmp, index=False)
