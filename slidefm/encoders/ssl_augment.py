@@ -15,7 +15,7 @@ import dataclasses
 import numpy as np
 import torch
 import torchvision.transforms.v2.functional as TF
-from skimage.color import hed2rgb, rgb2hed
+from skimage.color import combine_stains, hed2rgb, rgb2hed, rgb_from_hed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,17 +37,35 @@ class MultiCropConfig:
     hue: float = 0.02
     p_hed: float = 0.5
     hed_sigma: float = 0.05  # α ~ U(1 ± σ) scale, β ~ U(±σ) shift per stain channel
+    hed_shift: float | None = None  # β's range when it should differ from α's (None: hed_sigma)
+    hed_vector_sigma: float = 0.0  # N(0, σ) added to the H and E OD vectors (renormalised)
     p_gray: float = 0.0  # random greyscale (DINO: 0.2): no colour shortcut between views
     p_blur_global: float = 0.5
     p_blur_local: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 1.5)
 
 
-def hed_jitter(rgb: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
+def hed_jitter(
+    rgb: np.ndarray, alpha: np.ndarray, beta: np.ndarray, vectors: np.ndarray | None = None
+) -> np.ndarray:
     """(H, W, 3) float RGB in [0, 1] → same with stain concentrations ``hed·α + β`` (per
-    channel, skimage's Ruifrok–Johnston H/E/DAB vectors), clipped to [0, 1]."""
-    hed = rgb2hed(rgb)
-    return np.clip(hed2rgb(hed * alpha + beta), 0.0, 1.0)
+    channel, skimage's Ruifrok–Johnston H/E/DAB vectors), clipped to [0, 1].
+
+    ``vectors`` (3, 3), rows H/E/DAB OD vectors, recomposes with other stain colours than
+    the ones decomposed with: scanners and labs differ in stain hue, not only in amount, and
+    concentration jitter alone leaves the hue as a per-slide shortcut."""
+    hed = rgb2hed(rgb) * alpha + beta
+    out = hed2rgb(hed) if vectors is None else combine_stains(hed, vectors)
+    return np.clip(out, 0.0, 1.0)
+
+
+def jittered_stain_vectors(rng: np.random.Generator, sigma: float) -> np.ndarray:
+    """skimage's H&E(&DAB) OD matrix with N(0, σ) added to the H and E rows, each renormalised
+    to unit length and kept non-negative (an OD vector absorbs, it never emits)."""
+    m = rgb_from_hed.copy()
+    m[:2] = np.clip(m[:2] + rng.normal(0.0, sigma, (2, 3)), 1e-3, None)
+    m[:2] /= np.linalg.norm(m[:2], axis=1, keepdims=True)
+    return m
 
 
 def _crop_box(rng: np.random.Generator, h: int, w: int, scale: tuple[float, float]):
@@ -83,8 +101,13 @@ class MultiCrop:
             x = torch.flip(x, dims=(2,))
         if rng.random() < cfg.p_hed:
             a = rng.uniform(1 - cfg.hed_sigma, 1 + cfg.hed_sigma, 3)
-            b = rng.uniform(-cfg.hed_sigma, cfg.hed_sigma, 3)
-            x = torch.from_numpy(hed_jitter(x.permute(1, 2, 0).numpy().astype(np.float64), a, b))
+            shift = cfg.hed_sigma if cfg.hed_shift is None else cfg.hed_shift
+            b = rng.uniform(-shift, shift, 3)
+            vec = None  # no draw when off: the default stream stays as it was
+            if cfg.hed_vector_sigma > 0:
+                vec = jittered_stain_vectors(rng, cfg.hed_vector_sigma)
+            rgb = x.permute(1, 2, 0).numpy().astype(np.float64)
+            x = torch.from_numpy(hed_jitter(rgb, a, b, vec))
             x = x.permute(2, 0, 1).float().contiguous()
         if rng.random() < cfg.p_color:
             x = TF.adjust_brightness(x, rng.uniform(1 - cfg.brightness, 1 + cfg.brightness))
