@@ -24,7 +24,8 @@ DEFAULT_CS = tuple(float(c) for c in np.logspace(-4, 2, 13))
 FEW_SHOT_KS = (1, 2, 4, 8, 16)
 
 
-def _l2(x: np.ndarray) -> np.ndarray:
+def l2_rows(x: np.ndarray) -> np.ndarray:
+    """(n, D) → each row at unit L2 norm (all-zero rows stay zero): cosine similarity as a dot."""
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -89,7 +90,7 @@ def knn_probe(
     ``k`` is capped at the training-set size. Ties in similarity keep the lower training index.
     """
     k = min(k, len(x_train))
-    sim = _l2(x_test) @ _l2(x_train).T  # (N_test, N_train)
+    sim = l2_rows(x_test) @ l2_rows(x_train).T  # (N_test, N_train)
     nn_idx = np.argsort(-sim, axis=1, kind="stable")[:, :k]
     votes = np.zeros((len(x_test), num_classes))
     for c in range(num_classes):
@@ -111,10 +112,10 @@ def prototype_probe(
     hyper-parameter to tune on a validation set that few-shot settings do not have.
     """
     mu = x_train.mean(0, keepdims=True)
-    tr, te = _l2(x_train - mu), _l2(x_test - mu)
+    tr, te = l2_rows(x_train - mu), l2_rows(x_test - mu)
     logits = np.full((len(x_test), num_classes), -np.inf)
     for c in np.unique(y_train).astype(int):
-        proto = _l2(tr[y_train == c].mean(0, keepdims=True))
+        proto = l2_rows(tr[y_train == c].mean(0, keepdims=True))
         logits[:, c] = (te @ proto.T)[:, 0] / temperature
     logits -= logits.max(1, keepdims=True)
     p = np.exp(logits)

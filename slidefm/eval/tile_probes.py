@@ -3,9 +3,10 @@
 Features of labelled tiles (``encode-slides`` files joined with a label table on the tiles'
 level-0 top-left (x, y), e.g. the synthetic cohort's ``cells.csv``) → linear probe (C chosen on
 validation), cosine kNN (k = 20) and few-shot probes (k shots per class, many draws; probe
-``{k}shot``: SimpleShot prototypes, ``{k}shot_linear``: standardised logistic regression). Tiles are split by patient (``case_id``: a patient's tiles never cross splits), with
-the SAME splits per seed for every encoder, so the encoders' balanced accuracies (mean ± sd
-over seeds) compare like for like (``eval.protocol.patient_split``).
+``{k}shot``: SimpleShot prototypes, ``{k}shot_linear``: standardised logistic regression).
+Tiles are split by patient (``case_id``: a patient's tiles never cross splits), with the SAME
+splits per seed for every encoder, so the encoders' balanced accuracies (mean ± sd over
+seeds) compare like for like (``eval.protocol.patient_split``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from slidefm.eval.metrics import balanced_accuracy
-from slidefm.eval.probes import few_shot, knn_probe, linear_probe
+from slidefm.eval.probes import few_shot, knn_probe, l2_rows, linear_probe
 from slidefm.eval.protocol import patient_split
 from slidefm.io.atomic import atomic_path
 from slidefm.io.features import read_attrs, read_features
@@ -88,7 +89,7 @@ def same_slide_neighbours(x: np.ndarray, slide_ids: np.ndarray, k: int = 20) -> 
     k = min(k, n - 1)
     if k < 1:
         raise ValueError("same_slide_neighbours needs at least two tiles")
-    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    xn = l2_rows(x)
     sid = np.asarray(slide_ids).astype(str)
     hits = 0.0
     for start in range(0, n, 1024):  # (1024, n) similarity blocks: memory linear in n
